@@ -1,0 +1,1 @@
+"""samcp.cli: thin click commands that parse, validate and call samcp.pipeline."""

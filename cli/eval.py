@@ -1,0 +1,145 @@
+"""`samcp eval`: PQ/SQ/RQ, mIoU and AP of a prediction folder, or of the proposal oracle."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from samcp.pipeline.errors import SamcpError
+
+
+@click.command("eval")
+@click.option(
+    "--gt",
+    "gt_path",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="COCO panoptic dataset root (annotations/panoptic_<split>.json) or a panoptic JSON file.",
+)
+@click.option(
+    "--split",
+    default="val2017",
+    show_default=True,
+    help="Split to evaluate when --gt is a dataset root.",
+)
+@click.option(
+    "--pred",
+    "pred_dir",
+    type=click.Path(path_type=Path),
+    help="Prediction folder written by samcp predict (panoptic.json, panoptic/, ...).",
+)
+@click.option(
+    "--oracle",
+    "oracle_cache",
+    type=click.Path(exists=True, path_type=Path),
+    help="Evaluate the ceiling of a proposal cache instead of a prediction folder.",
+)
+@click.option(
+    "--oracle-threshold",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Minimum intersection-over-proposal (exclusive) to assign a proposal.",
+)
+@click.option(
+    "--oracle-out",
+    type=click.Path(path_type=Path),
+    help="Keep the oracle's prediction folder here (default: a temporary folder).",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    help="Write all numbers to this JSON file.",
+)
+@click.option("--per-class", is_flag=True, help="Add per-class results to the table and JSON.")
+@click.option(
+    "--semantic-rule",
+    type=click.Choice(["detectron2", "mmseg"]),
+    default="detectron2",
+    show_default=True,
+    help="detectron2: a class counts where it has ground truth; mmseg: where its union "
+    "is non-empty.",
+)
+@click.option(
+    "--workers", type=int, default=None, help="Processes for per-image work [default: all cores]."
+)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def command(
+    gt_path: Path,
+    split: str,
+    pred_dir: Path | None,
+    oracle_cache: Path | None,
+    oracle_threshold: float,
+    oracle_out: Path | None,
+    json_out: Path | None,
+    per_class: bool,
+    semantic_rule: str,
+    workers: int | None,
+    no_progress: bool,
+) -> None:
+    """Evaluate predictions (or the proposal oracle) against a COCO panoptic ground truth."""
+    from samcp.pipeline.evaluation import (
+        build_oracle_predictions,
+        cache_proposals,
+        evaluate,
+        format_report,
+        resolve_ground_truth,
+    )
+    from samcp.pipeline.evaluation.formats import write_json_atomic
+
+    if (pred_dir is None) == (oracle_cache is None):
+        raise SamcpError("pass exactly one of --pred PRED_DIR or --oracle CACHE")
+    if workers is not None and workers < 1:
+        raise SamcpError(f"--workers {workers} must be at least 1")
+    workers = workers or os.cpu_count() or 1
+    gt_json, gt_png_dir = resolve_ground_truth(gt_path, split)
+    progress = not no_progress
+
+    with tempfile.TemporaryDirectory(prefix="samcp-oracle-") as tmp:
+        oracle_stats = None
+        if oracle_cache is not None:
+            pred_dir = oracle_out or Path(tmp) / "oracle"
+            oracle_stats = build_oracle_predictions(
+                gt_json,
+                gt_png_dir,
+                cache_proposals(oracle_cache),
+                pred_dir,
+                threshold=oracle_threshold,
+                workers=workers,
+                progress=progress,
+            )
+        assert pred_dir is not None
+        report = evaluate(
+            gt_json,
+            gt_png_dir,
+            pred_dir,
+            workers=workers,
+            semantic_rule=semantic_rule,  # type: ignore[arg-type]
+            progress=progress,
+        )
+    if oracle_stats is not None:
+        report.notes.insert(
+            0,
+            f"oracle of {oracle_cache}: {oracle_stats.assigned}/{oracle_stats.proposals} "
+            f"proposals assigned (IoP > {oracle_threshold}); "
+            f"{oracle_stats.images_without_proposals} images without proposals",
+        )
+    click.echo(format_report(report, per_class=per_class))
+    if json_out is not None:
+        out = report.to_dict(per_class=per_class)
+        out["ground_truth"] = str(gt_json)
+        out["predictions"] = str(oracle_cache if oracle_cache is not None else pred_dir)
+        out["oracle"] = (
+            None
+            if oracle_stats is None
+            else {
+                "cache": str(oracle_cache),
+                "threshold": oracle_threshold,
+                **oracle_stats.__dict__,
+            }
+        )
+        write_json_atomic(json_out, out)

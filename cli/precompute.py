@@ -1,0 +1,196 @@
+"""`samcp precompute`: proposals (+ features) for a dataset, written to a Zarr cache."""
+
+from __future__ import annotations
+
+import click
+
+from samcp.pipeline.proposals import ProposalConfig
+from samcp.pipeline.proposals.sam import SamEverythingParams
+from samcp.pipeline.proposals.slic import SlicParams
+
+_D = SamEverythingParams()
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("give comma-separated integers, e.g. 30,100") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("give at least one positive integer, e.g. 30,100")
+    return out
+
+
+@click.command("precompute")
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("--out", "-o", required=True, help="Cache location (a folder, created if missing).")
+@click.option("--split", default="val2017", show_default=True, help="COCO split folder name.")
+@click.option(
+    "--shard-size",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per shard: the unit of work, writing and resume.",
+)
+@click.option(
+    "--proposals",
+    "source_kind",
+    type=click.Choice(["sam", "slic", "external"]),
+    default="sam",
+    show_default=True,
+    help="Proposal generator.",
+)
+@click.option(
+    "--sam-model",
+    type=click.Choice(["vit_h", "vit_l", "vit_b", "vit_test"]),
+    default="vit_h",
+    show_default=True,
+    help="SAM architecture of the checkpoint.",
+)
+@click.option(
+    "--sam-checkpoint",
+    type=click.Path(path_type=str),
+    default=None,
+    help="segment_anything checkpoint (.pth), e.g. sam_vit_h_4b8939.pth.",
+)
+@click.option(
+    "--points-per-side",
+    default=_D.points_per_side,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Prompt grid is N x N points.",
+)
+@click.option(
+    "--points-per-batch",
+    default=_D.points_per_batch,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Prompts decoded together (memory vs speed).",
+)
+@click.option(
+    "--pred-iou-thresh",
+    default=_D.pred_iou_thresh,
+    show_default=True,
+    type=float,
+    help="Keep masks with predicted IoU above this (0 disables).",
+)
+@click.option(
+    "--stability-score-thresh",
+    default=_D.stability_score_thresh,
+    show_default=True,
+    type=float,
+    help="Keep masks with stability score at least this (0 disables).",
+)
+@click.option(
+    "--stability-score-offset",
+    default=_D.stability_score_offset,
+    show_default=True,
+    type=float,
+    help="Logit offset for the stability score.",
+)
+@click.option(
+    "--box-nms-thresh",
+    default=_D.box_nms_thresh,
+    show_default=True,
+    type=float,
+    help="Box NMS IoU threshold (1.0 keeps everything).",
+)
+@click.option(
+    "--slic-segments",
+    default="30,100",
+    show_default=True,
+    callback=_int_list,
+    help="SLIC superpixel counts, one run each (slic proposals).",
+)
+@click.option("--slic-compactness", default=10.0, show_default=True, type=float)
+@click.option(
+    "--external",
+    "external_path",
+    type=click.Path(path_type=str),
+    default=None,
+    help="Folder of per-image SA-1B/amg JSON, or a COCO results JSON (external).",
+)
+@click.option(
+    "--num-workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="CPU workers when there is no GPU; 0 runs in this process without Ray.",
+)
+@click.option(
+    "--gpus-per-worker",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="GPUs per worker when the Ray cluster has GPUs.",
+)
+@click.option("--ray-address", default=None, help="Join this Ray cluster (default: local Ray).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out first.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N images.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def command(
+    source,
+    out,
+    split,
+    shard_size,
+    source_kind,
+    sam_model,
+    sam_checkpoint,
+    points_per_side,
+    points_per_batch,
+    pred_iou_thresh,
+    stability_score_thresh,
+    stability_score_offset,
+    box_nms_thresh,
+    slic_segments,
+    slic_compactness,
+    external_path,
+    num_workers,
+    gpus_per_worker,
+    ray_address,
+    overwrite,
+    limit,
+    no_progress,
+):
+    """Run a proposal generator over SOURCE (COCO panoptic folder or .jsonl manifest).
+
+    Re-running the same command resumes: complete shards are skipped, incomplete ones redone.
+    """
+    from samcp.pipeline.precompute import PrecomputeConfig, run_precompute
+
+    proposals = ProposalConfig(
+        source=source_kind,
+        sam_model=sam_model,
+        sam_checkpoint=sam_checkpoint,
+        sam=SamEverythingParams(
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh,
+        ),
+        slic=SlicParams(n_segments=slic_segments, compactness=slic_compactness),
+        external_path=external_path,
+    )
+    cfg = PrecomputeConfig(
+        source=source,
+        out=out,
+        split=split,
+        shard_size=shard_size,
+        proposals=proposals,
+        num_workers=num_workers,
+        gpus_per_worker=gpus_per_worker,
+        ray_address=ray_address,
+        overwrite=overwrite,
+        limit=limit,
+        progress=not no_progress,
+    )
+    summary = run_precompute(cfg)
+    for line in summary.lines():
+        click.echo(line)
+    if summary.shards_failed:
+        raise click.ClickException(
+            f"{len(summary.shards_failed)} shard(s) failed: {', '.join(summary.shards_failed)}; "
+            "re-run the same command to redo them"
+        )

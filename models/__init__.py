@@ -1,0 +1,1 @@
+"""samcp.models: torch modules and losses for the heads. Imports nothing from pipeline/ or cli/."""

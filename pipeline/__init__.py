@@ -1,0 +1,1 @@
+"""samcp.pipeline: data flow — datasets, proposal generators, cache I/O, distributed runner, eval."""

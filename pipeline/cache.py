@@ -1,0 +1,390 @@
+"""The proposal cache: a Zarr v3 group of shards (format version 1, see docs/cache-format.md).
+
+One writer function (:func:`write_shard`, called by exactly one worker per shard) and one reader class
+(:class:`CacheReader`) that everything downstream goes through. A shard exists for readers only once
+its ``complete`` attribute is true; that attribute is written last.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.proposals.base import Proposals
+
+CACHE_VERSION = 1
+STATUS_OK = 0
+STATUS_FAILED = 1
+
+# Root attributes that decide a cache's content. Resuming with any of them changed is refused.
+FINGERPRINT_KEYS = ("samcp_cache_version", "proposals", "sam", "clip", "dataset")
+
+# Per-mask arrays and their dtypes (rle is variable-length bytes).
+MASK_ARRAYS = {
+    "bbox": ("float32", (4,)),
+    "area": ("int64", ()),
+    "predicted_iou": ("float32", ()),
+    "stability_score": ("float32", ()),
+    "point_coords": ("float32", (2,)),
+}
+
+
+def _zarr():
+    import zarr
+
+    # zarr warns that variable-length strings are not yet in the v3 spec; the format doc says so.
+    warnings.filterwarnings("ignore", module="zarr")
+    warnings.filterwarnings("ignore", message=".*string.*", category=UserWarning)
+    return zarr
+
+
+@dataclass
+class ImageResult:
+    """What a worker produced for one image: proposals, or a failure with its reason.
+
+    ``image_arrays`` holds per-image extras (e.g. ``clip_res5`` (C,h,w), ``sam_embed``), and
+    ``mask_arrays`` per-mask extras (e.g. ``clip_mask_embed`` (M,D)).
+    """
+
+    image_id: str
+    height: int
+    width: int
+    proposals: Proposals | None = None
+    error: str = ""
+    image_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    mask_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.proposals is not None
+
+
+@dataclass
+class CachedImage:
+    """One image's row as read back from the cache."""
+
+    image_id: str
+    height: int
+    width: int
+    status: int
+    error: str
+    proposals: Proposals
+    image_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    mask_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def rles(self) -> list[dict]:
+        """COCO RLE dicts of the proposals (pycocotools' format)."""
+        return self.proposals.coco_rles()
+
+
+def init_cache(path: str | Path, attrs: dict, overwrite: bool = False) -> set[str]:
+    """Creates the cache root, or checks that an existing one was made with the same settings.
+
+    Args:
+        path: cache location (a local folder, or any URL zarr understands).
+        attrs: root attributes; the keys in FINGERPRINT_KEYS decide whether a resume is allowed.
+        overwrite: delete an existing cache first.
+
+    Returns:
+        The ids of shards already complete (to be skipped).
+
+    Raises:
+        SamcpError: an existing cache was made with other models, parameters or image list.
+    """
+    zarr = _zarr()
+    attrs = {"samcp_cache_version": CACHE_VERSION, **attrs}
+    exists = _exists(path)
+    if exists and not overwrite:
+        root = _open_root(path, mode="r+")
+        old = dict(root.attrs)
+        for key in FINGERPRINT_KEYS:
+            if _norm(old.get(key)) != _norm(attrs.get(key)):
+                raise SamcpError(
+                    f"cache {path} was made with a different {key} "
+                    f"({_short(old.get(key))} vs now {_short(attrs.get(key))}); "
+                    "use another --out, or --overwrite to start it again"
+                )
+        return set(complete_shards(root))
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs.update(
+        {**attrs, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    )
+    root.require_group("shards")
+    return set()
+
+
+def _norm(v):
+    # JSON round trip makes tuples lists and ints/floats compare as stored.
+    import json
+
+    return json.loads(json.dumps(v, sort_keys=True))
+
+
+def _short(v, n: int = 90) -> str:
+    s = str(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _exists(path: str | Path) -> bool:
+    if "://" not in str(path):
+        return (Path(path) / "zarr.json").exists()
+    try:
+        _zarr().open_group(str(path), mode="r")
+        return True
+    except Exception:
+        return False
+
+
+def _open_root(path: str | Path, mode: str = "r"):
+    zarr = _zarr()
+    try:
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except Exception as exc:
+        raise SamcpError(
+            f"no samcp cache at {path} ({type(exc).__name__}); run `samcp precompute` first"
+        ) from None
+    version = root.attrs.get("samcp_cache_version")
+    if version is None:
+        raise SamcpError(f"{path} is a Zarr group but not a samcp cache (no samcp_cache_version)")
+    if version != CACHE_VERSION:
+        raise SamcpError(
+            f"cache {path} has format version {version}, this samcp reads version {CACHE_VERSION}; "
+            "re-run precompute or use a matching samcp"
+        )
+    return root
+
+
+def complete_shards(root) -> list[str]:
+    """Sorted ids of the shards whose ``complete`` attribute is true."""
+    if "shards" not in root:
+        return []
+    shards = root["shards"]
+    return sorted(k for k, g in shards.groups() if g.attrs.get("complete") is True)
+
+
+def incomplete_shards(root) -> list[str]:
+    """Sorted ids of shard groups present but not marked complete (an interrupted write)."""
+    if "shards" not in root:
+        return []
+    return sorted(k for k, g in root["shards"].groups() if g.attrs.get("complete") is not True)
+
+
+def write_shard(path: str | Path, shard_id: str, rows: list[ImageResult]) -> int:
+    """Writes one shard from scratch and marks it complete last. Returns the number of masks.
+
+    Any earlier partial write of the same shard is deleted first, so a redone shard never mixes
+    two attempts.
+    """
+    zarr = _zarr()
+    from zarr.core.dtype import VariableLengthBytes, VariableLengthUTF8
+
+    root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    shards = root.require_group("shards")
+    if shard_id in shards:
+        del shards[shard_id]
+    g = shards.create_group(shard_id)
+    g.attrs["complete"] = False
+
+    n = len(rows)
+    counts = [len(r.proposals) if r.ok else 0 for r in rows]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    m = int(offsets[-1])
+
+    def put(name, data, dtype=None, chunks=None):
+        data = (
+            np.asarray(data)
+            if dtype is None or not isinstance(dtype, str)
+            else np.asarray(data, dtype)
+        )
+        shape = data.shape
+        if chunks is None:
+            chunks = tuple(max(1, s) for s in shape)
+        arr = g.create_array(name, shape=shape, dtype=dtype or data.dtype, chunks=chunks)
+        if data.size:
+            arr[...] = data
+
+    put("image_id", np.array([r.image_id for r in rows], dtype=object), VariableLengthUTF8())
+    put("error", np.array([r.error for r in rows], dtype=object), VariableLengthUTF8())
+    put("height", [r.height for r in rows], "int32")
+    put("width", [r.width for r in rows], "int32")
+    put("status", [STATUS_OK if r.ok else STATUS_FAILED for r in rows], "uint8")
+    put("mask_offset", offsets, "int64")
+    ok = [r for r in rows if r.ok]
+    rles = [c for r in ok for c in r.proposals.rles]
+    put("rle", np.array(rles, dtype=object).reshape(m), VariableLengthBytes())
+    for name, (dtype, tail) in MASK_ARRAYS.items():
+        parts = [getattr(r.proposals, name) for r in ok]
+        data = np.concatenate(parts) if parts else np.zeros((0, *tail), dtype)
+        put(name, data.astype(dtype).reshape(m, *tail), dtype)
+    image_names, mask_names = _put_extras(put, rows, ok, m)
+    g.attrs.update({"image_arrays": image_names, "mask_arrays": mask_names})
+    # Last: from here on the shard exists for readers.
+    g.attrs.update({"complete": True, "num_images": n, "num_masks": m})
+    return m
+
+
+def _put_extras(
+    put, rows: list[ImageResult], ok: list[ImageResult], m: int
+) -> tuple[list[str], list[str]]:
+    """Per-image and per-mask extra arrays; failed rows get zeros so that rows stay aligned."""
+    image_names = sorted({k for r in ok for k in r.image_arrays})
+    for name in image_names:
+        ref = next(r.image_arrays[name] for r in ok if name in r.image_arrays)
+        stack = np.zeros((len(rows), *ref.shape), ref.dtype)
+        for i, r in enumerate(rows):
+            if name in r.image_arrays:
+                stack[i] = r.image_arrays[name]
+        put(name, stack, chunks=(1, *ref.shape))
+    mask_names = sorted({k for r in ok for k in r.mask_arrays})
+    for name in mask_names:
+        if any(name not in r.mask_arrays for r in ok):
+            raise ValueError(f"per-mask array {name} missing for some images of the shard")
+        data = np.concatenate([r.mask_arrays[name] for r in ok])
+        if data.shape[0] != m:
+            raise ValueError(f"per-mask array {name} has {data.shape[0]} rows for {m} masks")
+        put(name, data, chunks=(max(1, min(m, 4096)), *data.shape[1:]))
+    return image_names, mask_names
+
+
+class CacheReader:
+    """Reads a samcp proposal cache. The only way downstream code reads one.
+
+    Args:
+        path: the cache location given to ``samcp precompute --out``.
+
+    Raises:
+        SamcpError: nothing there, not a samcp cache, or another format version.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.root = _open_root(path)
+        self.attrs = dict(self.root.attrs)
+        self.shard_ids = complete_shards(self.root)
+        self._index: dict[str, tuple[str, int]] | None = None
+
+    @property
+    def incomplete_shard_ids(self) -> list[str]:
+        return incomplete_shards(self.root)
+
+    def __len__(self) -> int:
+        return sum(int(self.root["shards"][s].attrs.get("num_images", 0)) for s in self.shard_ids)
+
+    def read_shard(self, shard_id: str, arrays: list[str] | None = None) -> list[CachedImage]:
+        """All rows of one complete shard.
+
+        Args:
+            shard_id: a shard id from ``shard_ids``.
+            arrays: extra arrays (e.g. ``clip_mask_embed``, ``clip_res5``) to load besides the
+                proposals; None loads every extra array present.
+        """
+        g = self.root["shards"][shard_id]
+        data = {name: g[name][...] for name in _CORE_ARRAYS}
+        image_names = set(g.attrs.get("image_arrays", []))
+        mask_names = set(g.attrs.get("mask_arrays", []))
+        wanted = sorted(image_names | mask_names) if arrays is None else arrays
+        extra = {name: g[name][...] for name in wanted if name in image_names | mask_names}
+        out = []
+        off = data["mask_offset"]
+        for i in range(len(data["image_id"])):
+            a, b = int(off[i]), int(off[i + 1])
+            h, w = int(data["height"][i]), int(data["width"][i])
+            props = Proposals(
+                h,
+                w,
+                [bytes(c) for c in data["rle"][a:b]],
+                data["bbox"][a:b],
+                data["area"][a:b],
+                data["predicted_iou"][a:b],
+                data["stability_score"][a:b],
+                data["point_coords"][a:b],
+            )
+            per_mask = {k: v[a:b] for k, v in extra.items() if k in mask_names}
+            per_image = {k: v[i] for k, v in extra.items() if k in image_names}
+            out.append(
+                CachedImage(
+                    str(data["image_id"][i]),
+                    h,
+                    w,
+                    int(data["status"][i]),
+                    str(data["error"][i]),
+                    props,
+                    per_image,
+                    per_mask,
+                )
+            )
+        return out
+
+    def iter_images(
+        self, include_failed: bool = False, arrays: list[str] | None = None, prefetch: int = 2
+    ) -> Iterator[CachedImage]:
+        """Every image, shard by shard in shard order, reading the next shards in the background."""
+        for rows in self.iter_shards(arrays=arrays, prefetch=prefetch):
+            for row in rows:
+                if include_failed or row.status == STATUS_OK:
+                    yield row
+
+    def iter_shards(
+        self, arrays: list[str] | None = None, prefetch: int = 2
+    ) -> Iterator[list[CachedImage]]:
+        """Shards in order; a background thread keeps up to ``prefetch`` shards read ahead."""
+        if prefetch <= 0:
+            for s in self.shard_ids:
+                yield self.read_shard(s, arrays)
+            return
+        q: queue.Queue = queue.Queue(maxsize=prefetch)
+        stop = threading.Event()
+
+        def work():
+            try:
+                for s in self.shard_ids:
+                    if stop.is_set():
+                        return
+                    q.put(self.read_shard(s, arrays))
+                q.put(None)
+            except BaseException as exc:  # surface reader errors in the consumer
+                q.put(exc)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def get(self, image_id: str) -> CachedImage:
+        """One image by id (builds an id index on first use)."""
+        if self._index is None:
+            self._index = {}
+            for s in self.shard_ids:
+                for i, iid in enumerate(self.root["shards"][s]["image_id"][...]):
+                    self._index[str(iid)] = (s, i)
+        if image_id not in self._index:
+            raise SamcpError(f"image id {image_id!r} is not in cache {self.path}")
+        s, i = self._index[image_id]
+        return self.read_shard(s)[i]
+
+
+_CORE_ARRAYS = (
+    "image_id",
+    "error",
+    "height",
+    "width",
+    "status",
+    "mask_offset",
+    "rle",
+    *MASK_ARRAYS,
+)

@@ -1,0 +1,391 @@
+"""Evaluates a prediction folder against a COCO panoptic ground truth, image-parallel.
+
+Per-image work (reading PNGs, pair counting, matching, confusion matrices, ground-truth RLEs) runs in
+a multiprocessing pool; results come back in image order and are summed in that order, so the
+numbers do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.evaluation.formats import (
+    IGNORE_LABEL,
+    Category,
+    GroundTruth,
+    Predictions,
+    load_ground_truth,
+    load_predictions,
+    png_stem,
+    read_label_png,
+    read_panoptic_png,
+)
+from samcp.pipeline.evaluation.instance import (
+    InstanceKeys,
+    InstanceResult,
+    accumulate_instances,
+    evaluate_images,
+    ground_truth_instances,
+    make_keys,
+    prepare_detections,
+)
+from samcp.pipeline.evaluation.panoptic import (
+    PanopticResult,
+    PQCounts,
+    accumulate,
+    count_pairs,
+    pq_image,
+    summarize_panoptic,
+)
+from samcp.pipeline.evaluation.semantic import (
+    SemanticResult,
+    SemanticRule,
+    confusion_from_labels,
+    confusion_from_pairs,
+    labels_from_png,
+    semantic_metrics,
+)
+
+
+@dataclass(frozen=True)
+class _ImageTask:
+    image_id: str
+    gt_png: str
+    gt_segments: list[dict[str, Any]]
+    pred_png: str
+    pred_segments: list[dict[str, Any]]
+    semantic_png: str | None
+    detections: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class _ImageResult:
+    image_id: str
+    shape: tuple[int, int]
+    pq: dict[int, PQCounts]
+    gt_instances: list[dict[str, Any]] | None
+    instance_eval: list[Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Context:
+    categories: tuple[Category, ...]
+    instance_keys: InstanceKeys | None
+
+
+_CTX: _Context | None = None
+
+
+def _init_worker(ctx: _Context) -> None:
+    global _CTX
+    _CTX = ctx
+
+
+def _evaluate_image(task: _ImageTask, ctx: _Context) -> tuple[_ImageResult, np.ndarray]:
+    cats = {c.id: c for c in ctx.categories}
+    k = len(ctx.categories)
+    where = f"image {task.image_id} ({task.pred_png})"
+    gt = read_panoptic_png(Path(task.gt_png))
+    pred = read_panoptic_png(Path(task.pred_png))
+    if gt.shape != pred.shape:
+        raise SamcpError(
+            f"{where}: predicted PNG is {pred.shape[1]}x{pred.shape[0]} but the ground truth is "
+            f"{gt.shape[1]}x{gt.shape[0]}; predict at the original image size"
+        )
+    pairs = count_pairs(gt, pred)
+    pq = pq_image(pairs, task.gt_segments, task.pred_segments, cats, where=where)
+
+    # Ground-truth semantics: every listed segment (crowd included, as detectron2's panoptic ->
+    # semantic conversion does) labelled with its class; void and unlisted ids are ignored (K).
+    gt_cls = {0: k}
+    for s in task.gt_segments:
+        gt_cls[int(s["id"])] = cats[int(s["category_id"])].index
+    if task.semantic_png is None:
+        # Derived from the panoptic output: a void pixel stays unlabelled and counts as wrong.
+        pred_cls = {0: k}
+        for s in task.pred_segments:
+            pred_cls[int(s["id"])] = cats[int(s["category_id"])].index
+        g = np.array([gt_cls.get(x, k) for x in pairs.gt_ids.tolist()], dtype=np.int64)
+        p = np.array([pred_cls[x] for x in pairs.pred_ids.tolist()], dtype=np.int64)
+        conf = confusion_from_pairs(p, g, pairs.counts, k)
+    else:
+        sem = labels_from_png(read_label_png(Path(task.semantic_png)), k, IGNORE_LABEL)
+        ids, inverse = np.unique(gt, return_inverse=True)
+        lut = np.array([gt_cls.get(x, k) for x in ids.tolist()], dtype=np.int64)
+        gt_sem = lut[inverse.reshape(gt.shape)]
+        conf = confusion_from_labels(
+            sem, gt_sem, k, where=f"image {task.image_id} ({task.semantic_png})"
+        )
+
+    instances = None
+    if ctx.instance_keys is not None:
+        instances = ground_truth_instances(gt, task.gt_segments, cats)
+    return _ImageResult(task.image_id, gt.shape, pq, instances), conf
+
+
+def _evaluate_chunk(tasks: Sequence[_ImageTask]) -> tuple[list[_ImageResult], np.ndarray]:
+    assert _CTX is not None
+    results = []
+    total = None
+    for t in tasks:
+        r, conf = _evaluate_image(t, _CTX)
+        results.append(r)
+        total = conf if total is None else total + conf
+    keys = _CTX.instance_keys
+    if keys is not None:
+        # COCOeval's per-image matching runs here, in parallel; only accumulate is serial.
+        gt = {r.image_id: r.gt_instances or [] for r in results}
+        dt = {t.image_id: t.detections or [] for t in tasks}
+        per_image = evaluate_images(gt, dt, keys)
+        for r in results:
+            r.instance_eval = per_image[keys.images[r.image_id]]
+            r.gt_instances = None
+    return results, total
+
+
+@dataclass
+class EvalReport:
+    """Everything `samcp eval` measured.
+
+    Attributes:
+        panoptic: PQ/SQ/RQ.
+        semantic: mIoU and friends.
+        instance: AP, or None when there is no instances.json or no thing class.
+        categories: The ground truth's categories.
+        num_images: Images evaluated.
+        semantic_source: "semantic" (PRED_DIR/semantic PNGs) or "panoptic" (derived).
+        notes: Human-readable remarks (e.g. why AP is missing).
+    """
+
+    panoptic: PanopticResult
+    semantic: SemanticResult
+    instance: InstanceResult | None
+    categories: list[Category]
+    num_images: int
+    semantic_source: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self, per_class: bool = False) -> dict[str, Any]:
+        """All numbers as a JSON-ready dict; per-class tables only when ``per_class``."""
+        pan = {name: asdict(getattr(self.panoptic, name)) for name in ("all", "things", "stuff")}
+        sem = {k: v for k, v in asdict(self.semantic).items() if k != "per_class"}
+        inst = None
+        if self.instance is not None:
+            inst = {k: v for k, v in asdict(self.instance).items() if k != "per_class"}
+        out: dict[str, Any] = {
+            "num_images": self.num_images,
+            "panoptic": pan,
+            "semantic": {**sem, "source": self.semantic_source},
+            "instance": inst,
+            "notes": list(self.notes),
+        }
+        if per_class:
+            rows = []
+            for c in self.categories:
+                row: dict[str, Any] = {"category_id": c.id, "name": c.name, "isthing": c.isthing}
+                row.update(self.panoptic.per_class.get(c.id, {}))
+                sem_row = self.semantic.per_class.get(c.index, {})
+                row.update(iou=sem_row.get("iou"), acc=sem_row.get("acc"))
+                if self.instance is not None and c.id in self.instance.per_class:
+                    row["ap"] = self.instance.per_class[c.id]["ap"]
+                rows.append(row)
+            out["per_class"] = rows
+        return out
+
+
+def _fmt(v: float | None, width: int = 6) -> str:
+    return f"{'n/a':>{width}}" if v is None else f"{v:{width}.1f}"
+
+
+def format_report(report: EvalReport, per_class: bool = False) -> str:
+    """Renders the report as the terminal table (PQ/SQ/RQ, mIoU/fwIoU/pACC/mACC, AP)."""
+    lines = [f"Evaluated {report.num_images} images", ""]
+    lines.append(f"{'':10s}|{'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'#cat':>5s}")
+    lines.append("-" * 10 + "+" + "-" * 27)
+    for name in ("all", "things", "stuff"):
+        s = getattr(report.panoptic, name)
+        lines.append(f"{name.capitalize():10s}|{_fmt(s.pq)} {_fmt(s.sq)} {_fmt(s.rq)} {s.n:5d}")
+    sem = report.semantic
+    lines += [
+        "",
+        f"Semantic ({sem.rule} rule, from {report.semantic_source} output, {sem.n} classes)",
+        f"{'mIoU':>6s} {'fwIoU':>6s} {'pACC':>6s} {'mACC':>6s}",
+        f"{_fmt(sem.miou)} {_fmt(sem.fwiou)} {_fmt(sem.pacc)} {_fmt(sem.macc)}",
+    ]
+    inst = report.instance
+    if inst is not None:
+        lines += [
+            "",
+            f"Instance segm AP ({inst.num_detections} detections)",
+            " ".join(f"{k:>6s}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")),
+            " ".join(
+                _fmt(v) for v in (inst.ap, inst.ap50, inst.ap75, inst.aps, inst.apm, inst.apl)
+            ),
+        ]
+    if per_class:
+        lines += ["", f"{'category':24s} {'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'IoU':>6s} {'AP':>6s}"]
+        for c in report.categories:
+            p = report.panoptic.per_class.get(c.id, {})
+            iou = report.semantic.per_class.get(c.index, {}).get("iou")
+            ap = inst.per_class.get(c.id, {}).get("ap") if inst is not None else None
+            name = f"{c.name} ({'thing' if c.isthing else 'stuff'})"[:24]
+            lines.append(
+                f"{name:24s} {_fmt(p.get('pq'))} {_fmt(p.get('sq'))} {_fmt(p.get('rq'))} "
+                f"{_fmt(iou)} {_fmt(ap)}"
+            )
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _image_size(gt: GroundTruth, ann: dict[str, Any]) -> tuple[int, int]:
+    # The PNG header, not the JSON's images list: the masks are compared with the PNG itself.
+    path = gt.png_dir / ann["file_name"]
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except OSError:
+        raise SamcpError(f"{path}: ground-truth panoptic PNG missing or unreadable") from None
+
+
+def _tasks(gt: GroundTruth, pred: Predictions) -> list[_ImageTask]:
+    tasks = []
+    for ann in gt.annotations:
+        image_id = str(ann["image_id"])
+        p = pred.annotations.get(image_id)
+        if p is None:
+            raise SamcpError(
+                f"{pred.root / 'panoptic.json'}: no prediction for ground-truth image {image_id} "
+                f"({ann['file_name']}); predict every image of the split"
+            )
+        sem = None
+        if pred.semantic_dir is not None:
+            sem = str(pred.semantic_dir / f"{png_stem(ann['file_name'])}.png")
+        tasks.append(
+            _ImageTask(
+                image_id,
+                str(gt.png_dir / ann["file_name"]),
+                list(ann["segments_info"]),
+                str(pred.png_dir / p["file_name"]),
+                list(p["segments_info"]),
+                sem,
+            )
+        )
+    return tasks
+
+
+def _run_tasks(
+    tasks: list[_ImageTask], ctx: _Context, workers: int, progress: bool
+) -> Iterator[tuple[list[_ImageResult], np.ndarray]]:
+    # Chunks amortise the pickling of results; several chunks per worker keep the load balanced.
+    chunk = max(1, min(32, len(tasks) // max(1, workers * 8)))
+    chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
+    bar = tqdm(total=len(tasks), desc="eval", unit="img", file=sys.stderr, disable=not progress)
+    try:
+        if workers <= 1:
+            _init_worker(ctx)
+            for c in chunks:
+                out = _evaluate_chunk(c)
+                bar.update(len(c))
+                yield out
+        else:
+            with multiprocessing.get_context().Pool(
+                workers, initializer=_init_worker, initargs=(ctx,)
+            ) as pool:
+                for out in pool.imap(_evaluate_chunk, chunks):
+                    bar.update(len(out[0]))
+                    yield out
+    finally:
+        bar.close()
+
+
+def evaluate(
+    gt_json: Path,
+    gt_png_dir: Path | None,
+    pred_dir: Path,
+    *,
+    workers: int | None = None,
+    semantic_rule: SemanticRule = "detectron2",
+    progress: bool = False,
+) -> EvalReport:
+    """Evaluates a prediction folder: PQ always, mIoU always, AP when instances.json exists.
+
+    Args:
+        gt_json: Ground-truth COCO panoptic JSON.
+        gt_png_dir: Its PNG folder (default: the JSON's path without ``.json``).
+        pred_dir: Prediction folder (panoptic.json, panoptic/, optional semantic/, instances.json).
+        workers: Processes for per-image work; default ``os.cpu_count()``; 1 runs in-process.
+        semantic_rule: "detectron2" or "mmseg" (see :func:`semantic_metrics`).
+        progress: Show a tqdm bar on stderr.
+
+    Returns:
+        The report.
+
+    Raises:
+        SamcpError: On missing files and inconsistent predictions, naming the file and segment.
+    """
+    gt = load_ground_truth(Path(gt_json), gt_png_dir)
+    pred = load_predictions(Path(pred_dir))
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    tasks = _tasks(gt, pred)
+    if not tasks:
+        raise SamcpError(f"{gt.json_path}: the ground truth has no annotations to evaluate")
+    keys = None
+    ignored_stuff = num_detections = 0
+    if pred.instances is not None:
+        sizes = {str(a["image_id"]): _image_size(gt, a) for a in gt.annotations}
+        keys = make_keys([t.image_id for t in tasks], sizes, gt.categories)
+    if keys is not None:
+        dets, ignored_stuff = prepare_detections(
+            pred.instances or [], keys, gt.categories, source=str(pred.root / "instances.json")
+        )
+        num_detections = sum(map(len, dets.values()))
+        tasks = [replace(t, detections=dets.get(t.image_id, [])) for t in tasks]
+    ctx = _Context(tuple(gt.categories), keys)
+
+    k = len(gt.categories)
+    pq_total: dict[int, PQCounts] = {}
+    confusion = np.zeros((k + 1, k + 1), dtype=np.int64)
+    instance_evals: dict[int, list[Any]] = {}
+    for results, conf in _run_tasks(tasks, ctx, workers, progress):
+        confusion += conf
+        for r in results:
+            accumulate(pq_total, r.pq)
+            if keys is not None and r.instance_eval is not None:
+                instance_evals[keys.images[r.image_id]] = r.instance_eval
+
+    notes = []
+    instance = None
+    if pred.instances is None:
+        notes.append("no instances.json in the prediction folder: AP not evaluated")
+    elif keys is None:
+        notes.append("the ground truth has no thing category: AP not evaluated")
+    else:
+        instance = accumulate_instances(instance_evals, keys, num_detections, ignored_stuff)
+        if ignored_stuff:
+            notes.append(
+                f"{ignored_stuff} instance detections of stuff categories were not evaluated"
+            )
+    extra = len(set(pred.annotations) - {t.image_id for t in tasks})
+    if extra:
+        notes.append(f"{extra} predicted images are not in the ground truth and were ignored")
+    return EvalReport(
+        panoptic=summarize_panoptic(pq_total, gt.categories),
+        semantic=semantic_metrics(confusion, semantic_rule),
+        instance=instance,
+        categories=gt.categories,
+        num_images=len(tasks),
+        semantic_source="semantic" if pred.semantic_dir is not None else "panoptic",
+        notes=notes,
+    )

@@ -1,0 +1,313 @@
+"""`samcp precompute`: run a proposal source over a dataset and write the proposal cache.
+
+Shards are the unit of work, of writing and of resume. By default a local Ray instance is started in
+this process; ``ray_address`` joins a running cluster. One actor per GPU (or ``num_workers`` CPU
+actors) pulls shards; an actor killed mid-shard is restarted by Ray and the shard is redone from
+scratch. ``num_workers=0`` runs everything in this process (no Ray), for debugging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from samcp.pipeline import cache as cache_io
+from samcp.pipeline.datasets import ImageRecord, load_image_rgb, open_image_source, shard_records
+from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.proposals import ProposalConfig, ProposalSource
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Everything `samcp precompute` needs.
+
+    source: a COCO panoptic dataset folder or a JSONL image manifest.
+    out: the cache location.
+    split: dataset split folder name (COCO layout only), e.g. ``val2017``.
+    shard_size: images per shard (the unit of work and of resume).
+    proposals: which proposal generator and its settings.
+    num_workers: CPU workers when there is no GPU; 0 runs in this process without Ray.
+    gpus_per_worker: GPUs per worker when the cluster has GPUs (one worker per GPU by default).
+    ray_address: join this Ray cluster instead of starting a local instance.
+    overwrite: delete an existing cache at ``out`` first.
+    limit: only the first N images (quick looks).
+    """
+
+    source: str
+    out: str
+    split: str = "val2017"
+    shard_size: int = 16
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    num_workers: int = 1
+    gpus_per_worker: float = 1.0
+    ray_address: str | None = None
+    overwrite: bool = False
+    limit: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class ShardSummary:
+    shard_id: str
+    num_images: int
+    num_failed: int
+    num_masks: int
+    seconds: float
+    worker_pid: int
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PrecomputeSummary:
+    out: str
+    num_images: int
+    num_shards: int
+    shards_skipped: int
+    shards_done: int
+    shards_failed: list[str]
+    num_failed_images: int
+    num_masks: int
+    seconds: float
+    worker_pids: list[int]
+
+    def lines(self) -> list[str]:
+        rate = self.num_images / self.seconds if self.seconds > 0 else float("nan")
+        out = [
+            f"cache: {self.out}",
+            f"shards: {self.shards_done} written, {self.shards_skipped} already complete, "
+            f"{len(self.shards_failed)} failed (of {self.num_shards})",
+            f"images: {self.num_images} processed now, {self.num_failed_images} failed rows",
+            f"masks: {self.num_masks} written now"
+            + (
+                f" ({self.num_masks / max(self.num_images, 1):.1f} per image)"
+                if self.num_images
+                else ""
+            ),
+            f"time: {self.seconds:.1f} s ({rate:.2f} images/s)",
+        ]
+        return out
+
+
+def process_shard(
+    source: ProposalSource, out: str, shard_id: str, records: list[ImageRecord]
+) -> ShardSummary:
+    """Generates proposals for one shard and writes it; unreadable images become failed rows."""
+    t0 = time.perf_counter()
+    rows = []
+    for rec in records:
+        rows.append(_process_image(source, rec))
+    m = cache_io.write_shard(out, shard_id, rows)
+    failed = [r for r in rows if not r.ok]
+    return ShardSummary(
+        shard_id,
+        len(rows),
+        len(failed),
+        m,
+        time.perf_counter() - t0,
+        os.getpid(),
+        [f"{r.image_id}: {r.error}" for r in failed],
+    )
+
+
+def _process_image(source: ProposalSource, rec: ImageRecord) -> cache_io.ImageResult:
+    image = None
+    try:
+        if source.config.source != "external":
+            image = load_image_rgb(rec.file_name)
+            if image.shape[:2] != (rec.height, rec.width):
+                raise ValueError(
+                    f"image is {image.shape[1]}x{image.shape[0]} but the dataset says "
+                    f"{rec.width}x{rec.height}"
+                )
+        props = source(image, rec)
+    except Exception as exc:  # one bad image must not stop the shard
+        return cache_io.ImageResult(rec.image_id, rec.height, rec.width, error=_describe(exc))
+    return cache_io.ImageResult(rec.image_id, rec.height, rec.width, proposals=props)
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}"[:300]
+
+
+def dataset_attrs(records: list[ImageRecord], shard_size: int) -> dict:
+    """Identity of the image list (compared on resume) — ids and sizes, not paths."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.image_id}\t{r.height}\t{r.width}\n".encode())
+    return {
+        "num_images": len(records),
+        "shard_size": shard_size,
+        "image_list_sha256": h.hexdigest(),
+    }
+
+
+def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]], set[str], dict]:
+    """Validates inputs, plans shards and creates (or checks) the cache root. No images are read."""
+    from samcp.pipeline.foundation import file_sha256
+
+    cfg.proposals.validate()
+    records = open_image_source(Path(cfg.source), cfg.split)
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    if not records:
+        raise SamcpError(f"no images in {cfg.source}; check the path and --split")
+    shards = shard_records(records, cfg.shard_size)
+    sha = None
+    if cfg.proposals.source == "sam":
+        sha = file_sha256(cfg.proposals.sam_checkpoint)
+    attrs = {
+        **cfg.proposals.cache_attrs(sha),
+        "clip": None,
+        "dataset": dataset_attrs(records, cfg.shard_size),
+        "dataset_source": {"path": str(cfg.source), "split": cfg.split},
+    }
+    if cfg.proposals.source == "sam":
+        # Fail early, in the driver, on a checkpoint that does not load (wrong file or arch).
+        from samcp.pipeline.foundation import load_sam
+
+        load_sam(cfg.proposals.sam_model, cfg.proposals.sam_checkpoint, "cpu")
+    done = cache_io.init_cache(cfg.out, attrs, overwrite=cfg.overwrite)
+    return shards, done, attrs
+
+
+def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
+    """Runs precompute end to end and returns what was done. Re-running resumes."""
+    t0 = time.perf_counter()
+    shards, done, _ = prepare(cfg)
+    todo = [(sid, recs) for sid, recs in shards if sid not in done]
+    total_images = sum(len(r) for _, r in todo)
+    bar = _progress(total_images, cfg.progress, initial_note=f"{len(done)} shards already complete")
+    results: list[ShardSummary] = []
+    failed_shards: list[str] = []
+    try:
+        if cfg.num_workers == 0:
+            source = ProposalSource(cfg.proposals, _local_device())
+            for sid, recs in todo:
+                s = process_shard(source, cfg.out, sid, recs)
+                results.append(s)
+                bar.update(s.num_images)
+        else:
+            results, failed_shards = _run_ray(cfg, todo, bar)
+    finally:
+        bar.close()
+    summary = PrecomputeSummary(
+        out=str(cfg.out),
+        num_images=sum(s.num_images for s in results),
+        num_shards=len(shards),
+        shards_skipped=len(done),
+        shards_done=len(results),
+        shards_failed=failed_shards,
+        num_failed_images=sum(s.num_failed for s in results),
+        num_masks=sum(s.num_masks for s in results),
+        seconds=time.perf_counter() - t0,
+        worker_pids=sorted({s.worker_pid for s in results}),
+    )
+    _write_run_log(cfg, summary, results)
+    return summary
+
+
+def _local_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _progress(total: int, enabled: bool, initial_note: str = ""):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="img",
+        desc="precompute",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        postfix=initial_note or None,
+    )
+
+
+def _run_ray(cfg: PrecomputeConfig, todo, bar) -> tuple[list[ShardSummary], list[str]]:
+    import ray
+
+    started_here = False
+    if not ray.is_initialized():
+        kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, **kwargs)
+        else:
+            # Local instance: leave the driver room and don't let Ray pick up GPUs it cannot use.
+            ray.init(num_cpus=max(cfg.num_workers, 1), **kwargs)
+        started_here = True
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus >= cfg.gpus_per_worker > 0:
+            n = max(1, int(gpus // cfg.gpus_per_worker))
+            opts = {"num_gpus": cfg.gpus_per_worker, "num_cpus": 1}
+        else:
+            n = max(1, cfg.num_workers)
+            opts = {"num_cpus": 1}
+        n = min(n, max(len(todo), 1))
+        worker_cls = ray.remote(max_restarts=3, max_task_retries=3)(ShardWorker)
+        workers = [worker_cls.options(**opts).remote(cfg.proposals, cfg.out) for _ in range(n)]
+        results: list[ShardSummary] = []
+        failed: list[str] = []
+        pending: dict = {}
+        queue = list(todo)
+        for w in workers:
+            if queue:
+                sid, recs = queue.pop(0)
+                pending[w.process.remote(sid, recs)] = (w, sid)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            w, sid = pending.pop(ref)
+            try:
+                s = ray.get(ref)
+                results.append(s)
+                bar.update(s.num_images)
+            except ray.exceptions.RayError as exc:
+                failed.append(sid)
+                bar.write(f"shard {sid} failed after retries: {_describe(exc)}")
+            if queue:
+                nsid, nrecs = queue.pop(0)
+                pending[w.process.remote(nsid, nrecs)] = (w, nsid)
+        for w in workers:
+            ray.kill(w)
+        return results, failed
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class ShardWorker:
+    """A Ray actor: builds the proposal source once (model on its GPU), then processes shards."""
+
+    def __init__(self, proposals: ProposalConfig, out: str) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.out = out
+        self.source = ProposalSource(proposals, _local_device())
+
+    def process(self, shard_id: str, records: list[ImageRecord]) -> ShardSummary:
+        return process_shard(self.source, self.out, shard_id, records)
+
+
+def _write_run_log(cfg: PrecomputeConfig, summary: PrecomputeSummary, results) -> None:
+    """Appends a JSON line per run to <out>/runs.jsonl (local caches only), for the record."""
+    if "://" in str(cfg.out):
+        return
+    line = {
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "summary": asdict(summary),
+        "errors": [e for s in results for e in s.errors],
+    }
+    with open(Path(cfg.out) / "runs.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
