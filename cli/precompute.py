@@ -127,6 +127,11 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: local Ray).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out first.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N images.")
+@click.option(
+    "--store-sam-embeddings",
+    is_flag=True,
+    help="Also store SAM's image embedding (sam_embed), from the same encoder pass.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(
     source,
@@ -150,6 +155,7 @@ def command(
     ray_address,
     overwrite,
     limit,
+    store_sam_embeddings,
     no_progress,
 ):
     """Run a proposal generator over SOURCE (COCO panoptic folder or .jsonl manifest).
@@ -185,6 +191,7 @@ def command(
         overwrite=overwrite,
         limit=limit,
         progress=not no_progress,
+        store_sam_embeddings=store_sam_embeddings,
     )
     summary = run_precompute(cfg)
     for line in summary.lines():

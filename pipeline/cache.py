@@ -25,7 +25,7 @@ STATUS_OK = 0
 STATUS_FAILED = 1
 
 # Root attributes that decide a cache's content. Resuming with any of them changed is refused.
-FINGERPRINT_KEYS = ("samcp_cache_version", "proposals", "sam", "clip", "dataset")
+FINGERPRINT_KEYS = ("samcp_cache_version", "proposals", "sam", "clip", "sam_embed", "dataset")
 
 # Per-mask arrays and their dtypes (rle is variable-length bytes).
 MASK_ARRAYS = {

@@ -9,12 +9,14 @@ scratch. ``num_workers=0`` runs everything in this process (no Ray), for debuggi
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from samcp.pipeline import cache as cache_io
 from samcp.pipeline.datasets import ImageRecord, load_image_rgb, open_image_source, shard_records
@@ -36,6 +38,9 @@ class PrecomputeConfig:
     ray_address: join this Ray cluster instead of starting a local instance.
     overwrite: delete an existing cache at ``out`` first.
     limit: only the first N images (quick looks).
+    store_sam_embeddings: also store SAM's image embedding (``sam_embed``), from the same encoder
+        pass as the proposals (SAM proposals only).
+    clip: frozen-CLIP features to store (dense maps and mask-pooled embeddings), or None.
     """
 
     source: str
@@ -49,6 +54,10 @@ class PrecomputeConfig:
     overwrite: bool = False
     limit: int | None = None
     progress: bool = True
+    store_sam_embeddings: bool = False
+    clip: Any = (
+        None  # samcp.pipeline.clip.ClipConfig; typed loosely so CLIP stays an optional import
+    )
 
 
 @dataclass
@@ -93,14 +102,63 @@ class PrecomputeSummary:
         return out
 
 
+class ImageProcessor:
+    """Everything computed per image: proposals, optional SAM embedding, optional CLIP features.
+
+    Built once per worker (models are loaded here), then called per image.
+    """
+
+    def __init__(self, cfg: PrecomputeConfig, device: str) -> None:
+        self.cfg = cfg
+        self.proposals = ProposalSource(cfg.proposals, device)
+        self.clip = None
+        if cfg.clip is not None:
+            from samcp.pipeline.clip import ClipFeatureExtractor
+
+            self.clip = ClipFeatureExtractor(cfg.clip, device)
+
+    @property
+    def needs_pixels(self) -> bool:
+        return self.cfg.proposals.source != "external" or self.clip is not None
+
+    def __call__(self, rec: ImageRecord) -> cache_io.ImageResult:
+        """One image's row; any failure (unreadable file, size mismatch) becomes a failed row."""
+        try:
+            image = None
+            if self.needs_pixels:
+                image = load_image_rgb(rec.file_name)
+                if image.shape[:2] != (rec.height, rec.width):
+                    raise ValueError(
+                        f"image is {image.shape[1]}x{image.shape[0]} but the dataset says "
+                        f"{rec.width}x{rec.height}"
+                    )
+            props, sam_embed = self.proposals(image, rec, self.cfg.store_sam_embeddings)
+            image_arrays: dict[str, np.ndarray] = {}
+            mask_arrays: dict[str, np.ndarray] = {}
+            if sam_embed is not None:
+                image_arrays["sam_embed"] = sam_embed
+            if self.clip is not None:
+                dense, per_mask = self.clip.extract(image, props)
+                image_arrays.update(dense)
+                mask_arrays.update(per_mask)
+        except Exception as exc:  # one bad image must not stop the shard
+            return cache_io.ImageResult(rec.image_id, rec.height, rec.width, error=_describe(exc))
+        return cache_io.ImageResult(
+            rec.image_id,
+            rec.height,
+            rec.width,
+            props,
+            image_arrays=image_arrays,
+            mask_arrays=mask_arrays,
+        )
+
+
 def process_shard(
-    source: ProposalSource, out: str, shard_id: str, records: list[ImageRecord]
+    processor: ImageProcessor, out: str, shard_id: str, records: list[ImageRecord]
 ) -> ShardSummary:
-    """Generates proposals for one shard and writes it; unreadable images become failed rows."""
+    """Processes one shard's images and writes the shard; unreadable images become failed rows."""
     t0 = time.perf_counter()
-    rows = []
-    for rec in records:
-        rows.append(_process_image(source, rec))
+    rows = [processor(rec) for rec in records]
     m = cache_io.write_shard(out, shard_id, rows)
     failed = [r for r in rows if not r.ok]
     return ShardSummary(
@@ -112,22 +170,6 @@ def process_shard(
         os.getpid(),
         [f"{r.image_id}: {r.error}" for r in failed],
     )
-
-
-def _process_image(source: ProposalSource, rec: ImageRecord) -> cache_io.ImageResult:
-    image = None
-    try:
-        if source.config.source != "external":
-            image = load_image_rgb(rec.file_name)
-            if image.shape[:2] != (rec.height, rec.width):
-                raise ValueError(
-                    f"image is {image.shape[1]}x{image.shape[0]} but the dataset says "
-                    f"{rec.width}x{rec.height}"
-                )
-        props = source(image, rec)
-    except Exception as exc:  # one bad image must not stop the shard
-        return cache_io.ImageResult(rec.image_id, rec.height, rec.width, error=_describe(exc))
-    return cache_io.ImageResult(rec.image_id, rec.height, rec.width, proposals=props)
 
 
 def _describe(exc: BaseException) -> str:
@@ -161,9 +203,15 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
     sha = None
     if cfg.proposals.source == "sam":
         sha = file_sha256(cfg.proposals.sam_checkpoint)
+    if cfg.store_sam_embeddings and cfg.proposals.source != "sam":
+        raise SamcpError(
+            "--store-sam-embeddings needs SAM proposals (--proposals sam) so that the embedding "
+            "comes from the same encoder pass"
+        )
     attrs = {
         **cfg.proposals.cache_attrs(sha),
-        "clip": None,
+        "clip": _clip_attrs(cfg.clip),
+        "sam_embed": bool(cfg.store_sam_embeddings),
         "dataset": dataset_attrs(records, cfg.shard_size),
         "dataset_source": {"path": str(cfg.source), "split": cfg.split},
     }
@@ -176,20 +224,33 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
     return shards, done, attrs
 
 
+def _clip_attrs(clip_cfg) -> dict | None:
+    """The cache's ``clip`` attribute; loads the model once in the driver so a bad checkpoint fails
+    here, before any worker starts."""
+    if clip_cfg is None:
+        return None
+    from samcp.pipeline.clip import load_clip
+    from samcp.pipeline.foundation import file_sha256
+
+    load_clip(clip_cfg.model, clip_cfg.checkpoint, "cpu")
+    return clip_cfg.cache_attrs(file_sha256(clip_cfg.checkpoint))
+
+
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     """Runs precompute end to end and returns what was done. Re-running resumes."""
     t0 = time.perf_counter()
     shards, done, _ = prepare(cfg)
     todo = [(sid, recs) for sid, recs in shards if sid not in done]
     total_images = sum(len(r) for _, r in todo)
-    bar = _progress(total_images, cfg.progress, initial_note=f"{len(done)} shards already complete")
+    note = f"{len(done)} shards already complete" if done else ""
+    bar = _progress(total_images, cfg.progress, initial_note=note)
     results: list[ShardSummary] = []
     failed_shards: list[str] = []
     try:
         if cfg.num_workers == 0:
-            source = ProposalSource(cfg.proposals, _local_device())
+            processor = ImageProcessor(cfg, _local_device())
             for sid, recs in todo:
-                s = process_shard(source, cfg.out, sid, recs)
+                s = process_shard(processor, cfg.out, sid, recs)
                 results.append(s)
                 bar.update(s.num_images)
         else:
@@ -237,7 +298,12 @@ def _run_ray(cfg: PrecomputeConfig, todo, bar) -> tuple[list[ShardSummary], list
 
     started_here = False
     if not ray.is_initialized():
-        kwargs = dict(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        kwargs = dict(
+            ignore_reinit_error=True,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
         if cfg.ray_address:
             ray.init(address=cfg.ray_address, **kwargs)
         else:
@@ -254,7 +320,7 @@ def _run_ray(cfg: PrecomputeConfig, todo, bar) -> tuple[list[ShardSummary], list
             opts = {"num_cpus": 1}
         n = min(n, max(len(todo), 1))
         worker_cls = ray.remote(max_restarts=3, max_task_retries=3)(ShardWorker)
-        workers = [worker_cls.options(**opts).remote(cfg.proposals, cfg.out) for _ in range(n)]
+        workers = [worker_cls.options(**opts).remote(cfg) for _ in range(n)]
         results: list[ShardSummary] = []
         failed: list[str] = []
         pending: dict = {}
@@ -288,15 +354,15 @@ def _run_ray(cfg: PrecomputeConfig, todo, bar) -> tuple[list[ShardSummary], list
 class ShardWorker:
     """A Ray actor: builds the proposal source once (model on its GPU), then processes shards."""
 
-    def __init__(self, proposals: ProposalConfig, out: str) -> None:
+    def __init__(self, cfg: PrecomputeConfig) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.out = out
-        self.source = ProposalSource(proposals, _local_device())
+        self.out = cfg.out
+        self.processor = ImageProcessor(cfg, _local_device())
 
     def process(self, shard_id: str, records: list[ImageRecord]) -> ShardSummary:
-        return process_shard(self.source, self.out, shard_id, records)
+        return process_shard(self.processor, self.out, shard_id, records)
 
 
 def _write_run_log(cfg: PrecomputeConfig, summary: PrecomputeSummary, results) -> None:

@@ -17,6 +17,7 @@ import pytest
 from samcp.cli.main import main as samcp_main
 from samcp.pipeline import precompute as pre
 from samcp.pipeline.cache import CacheReader
+from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.foundation import make_random_sam_checkpoint
 from samcp.pipeline.proposals import ProposalConfig
 from samcp.pipeline.proposals.sam import SamEverythingParams
@@ -297,3 +298,39 @@ def test_ray_worker_killed_mid_run_is_restarted(dataset, tmp_path):
     assert killed in pids and len(pids) == 2
     assert log[-1]["summary"]["num_images"] == 10 and not log[-1]["summary"]["shards_failed"]
     assert_same_cache(tmp_path / "ref", out)
+
+
+def test_sam_embeddings_come_from_the_same_encoder_pass(dataset, sam_ckpt, tmp_path):
+    from segment_anything import SamPredictor
+
+    from samcp.pipeline.datasets import load_image_rgb, open_image_source
+
+    cfg = _cfg(dataset, tmp_path / "c", sam_ckpt, store_sam_embeddings=True)
+    processor = pre.ImageProcessor(cfg, "cpu")
+    model = processor.proposals.sam_model
+    passes = []
+    model.image_encoder.patch_embed.register_forward_hook(lambda *a: passes.append(1))
+    recs = open_image_source(dataset, "val2017")[:2]
+    rows = [processor(r) for r in recs]
+    assert len(passes) == 2  # one encoder pass per image, proposals and embedding together
+    predictor = SamPredictor(model)
+    for rec, row in zip(recs, rows, strict=True):
+        predictor.set_image(load_image_rgb(rec.file_name))
+        want = predictor.features[0].numpy()
+        got = row.image_arrays["sam_embed"]
+        assert got.dtype == np.float16 and got.shape == want.shape
+        np.testing.assert_allclose(
+            got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * np.abs(want).max()
+        )
+    pre.run_precompute(cfg)
+    reader = CacheReader(tmp_path / "c")
+    assert reader.attrs["sam_embed"] is True
+    first = next(reader.iter_images())
+    np.testing.assert_array_equal(
+        first.image_arrays["sam_embed"], rows[0].image_arrays["sam_embed"]
+    )
+
+
+def test_sam_embeddings_need_sam_proposals(dataset, tmp_path):
+    with pytest.raises(SamcpError, match="needs SAM proposals"):
+        pre.run_precompute(_cfg(dataset, tmp_path / "c", store_sam_embeddings=True))

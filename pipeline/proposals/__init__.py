@@ -90,9 +90,16 @@ class ProposalSource:
 
             self._gen = ExternalGenerator(config.external_path)
 
-    def __call__(self, image: np.ndarray | None, record) -> Proposals:
+    def __call__(
+        self, image: np.ndarray | None, record, with_sam_embedding: bool = False
+    ) -> tuple[Proposals, np.ndarray | None]:
+        """Proposals for one image, and SAM's image embedding from the same encoder pass if asked."""
         if self.config.source == "external":
-            return self._gen.generate_for(
+            props = self._gen.generate_for(
                 record.image_id, record.file_name, record.height, record.width
             )
-        return self._gen.generate(image)
+            return props, None
+        if with_sam_embedding and self.config.source == "sam":
+            props, features = self._gen.generate(image, return_embedding=True)
+            return props, features[0].float().cpu().numpy().astype(np.float16)
+        return self._gen.generate(image), None
