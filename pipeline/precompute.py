@@ -9,14 +9,16 @@ scratch. ``num_workers=0`` runs everything in this process (no Ray), for debuggi
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from samcp.pipeline import cache as cache_io
 from samcp.pipeline.datasets import ImageRecord, load_image_rgb, open_image_source, shard_records
