@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
+from skimage.segmentation import slic
 
 from samcp.pipeline.datasets import ImageRecord
 from samcp.pipeline.errors import SamcpError
@@ -25,13 +26,10 @@ def test_slic_masks_partition_the_image_per_run():
     out = SlicGenerator(SlicParams(n_segments=(8, 20))).generate(_image())
     masks = out.decode()
     assert masks.shape[1:] == (60, 80)
-    n8 = len(
-        np.unique(
-            __import__("skimage.segmentation", fromlist=["slic"]).slic(
-                _image(), n_segments=8, compactness=10.0, sigma=1.0, start_label=0, channel_axis=-1
-            )
-        )
+    labels = slic(
+        _image(), n_segments=8, compactness=10.0, sigma=1.0, start_label=0, channel_axis=-1
     )
+    n8 = len(np.unique(labels))
     # Each run's superpixels cover every pixel exactly once.
     np.testing.assert_array_equal(masks[:n8].sum(0), 1)
     np.testing.assert_array_equal(masks[n8:].sum(0), 1)
