@@ -21,6 +21,20 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
     return out
 
 
+def _clip_config(checkpoint, model, levels, input_size, no_dense):
+    if checkpoint is None:
+        return None
+    from samcp.pipeline.clip import ClipConfig
+
+    return ClipConfig(
+        model=model,
+        checkpoint=checkpoint,
+        input_size=input_size,
+        levels=tuple(v.strip() for v in levels.split(",") if v.strip()),
+        store_dense=not no_dense,
+    )
+
+
 @click.command("precompute")
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("--out", "-o", required=True, help="Cache location (a folder, created if missing).")
@@ -128,6 +142,34 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out first.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N images.")
 @click.option(
+    "--clip-checkpoint",
+    type=click.Path(path_type=str),
+    default=None,
+    help="open_clip weights file; stores dense CLIP maps and mask-pooled CLIP embeddings.",
+)
+@click.option(
+    "--clip-model",
+    default="convnext_large_d_320",
+    show_default=True,
+    help="open_clip model name of --clip-checkpoint.",
+)
+@click.option(
+    "--clip-levels",
+    default="res5",
+    show_default=True,
+    help="ConvNeXt stages stored as dense maps (comma-separated res2..res5).",
+)
+@click.option(
+    "--clip-input-size",
+    default=1024,
+    show_default=True,
+    type=int,
+    help="CLIP input geometry: longer side resized to this, padded square.",
+)
+@click.option(
+    "--no-clip-dense", is_flag=True, help="Store only per-mask CLIP embeddings, no dense maps."
+)
+@click.option(
     "--store-sam-embeddings",
     is_flag=True,
     help="Also store SAM's image embedding (sam_embed), from the same encoder pass.",
@@ -155,6 +197,11 @@ def command(
     ray_address,
     overwrite,
     limit,
+    clip_checkpoint,
+    clip_model,
+    clip_levels,
+    clip_input_size,
+    no_clip_dense,
     store_sam_embeddings,
     no_progress,
 ):
@@ -192,6 +239,7 @@ def command(
         limit=limit,
         progress=not no_progress,
         store_sam_embeddings=store_sam_embeddings,
+        clip=_clip_config(clip_checkpoint, clip_model, clip_levels, clip_input_size, no_clip_dense),
     )
     summary = run_precompute(cfg)
     for line in summary.lines():

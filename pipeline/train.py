@@ -1,0 +1,444 @@
+"""`samcp train`: decoupled head training on the proposal cache.
+
+The frozen foundation models never run here: patches, their CLIP embeddings and the dense CLIP maps
+come from the cache, ground truth from the dataset's panoptic annotations, class text embeddings from
+the CLIP text tower once (cached on disk). A run folder holds everything:
+
+    <run>/train_config.json        the resolved TrainConfig (+ head config) of the run
+    <run>/text_embed.safetensors   the training vocabulary's class text embeddings
+    <run>/classes.json             the dataset categories in class-index order
+    <run>/checkpoints/step_XXXXXXX/  model.safetensors + config.json + train_state.pt
+    <run>/model/                   the final weights (model.safetensors + config.json)
+    <run>/metrics.jsonl            one line per logged step; TensorBoard events in <run>/tb/
+
+Data order is a pure function of (seed, epoch), so ``--resume`` continues exactly where the last
+checkpoint stopped and reaches the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from samcp.pipeline.cache import CacheReader
+from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.headdata import (
+    ClassSpace,
+    HeadSample,
+    collate,
+    flip_sample,
+    ground_truth_rles,
+    make_sample,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run.
+
+    cache: proposal cache of the training images (with CLIP features).
+    dataset: COCO-panoptic dataset root with the training annotations.
+    out: run folder.
+    split: annotation split of the cached images.
+    head: head name in samcp.models.registry.HEADS.
+    preset: "default" or "tiny" head config before ``head_overrides``.
+    head_overrides: head config fields to change (YAML / --set key=value).
+    clip_checkpoint: CLIP weights for the text embeddings (not needed when they are cached).
+    templates: prompt template set for the text embeddings.
+    steps: optimisation steps.
+    batch_size: images per step.
+    lr, weight_decay: AdamW.
+    lr_drop: fractions of ``steps`` where the learning rate is multiplied by 0.1.
+    clip_grad: max gradient norm (0 disables).
+    flip: random horizontal flips (features, boxes, crops and targets together).
+    max_patches: patches per image (the cache's first ones, i.e. the generator's order).
+    seed: data order, flips and initialisation.
+    device: "auto", "cpu" or "cuda".
+    log_every, ckpt_every: steps between log lines / checkpoints.
+    memo_images: keep up to this many prepared samples in memory (small sets train much faster).
+    """
+
+    cache: str
+    dataset: str
+    out: str
+    split: str = "train2017"
+    head: str = "affinity"
+    preset: str = "default"
+    head_overrides: dict = field(default_factory=dict)
+    clip_checkpoint: str | None = None
+    templates: str = "vild"
+    steps: int = 2000
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    lr_drop: tuple[float, ...] = (0.8,)
+    clip_grad: float = 0.1
+    flip: bool = True
+    max_patches: int = 300
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    ckpt_every: int = 500
+    memo_images: int = 5000
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SamcpError("--device cuda but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def head_config_for_cache(cfg: TrainConfig, cache_attrs: dict):
+    """The head config: preset, then what the cache dictates (CLIP geometry), then overrides."""
+    from samcp.models.registry import build_config
+
+    clip = cache_attrs.get("clip")
+    if not clip or not clip.get("store_dense", True):
+        raise SamcpError(
+            f"cache {cfg.cache} has no dense CLIP features; re-run precompute with "
+            "--clip-checkpoint (the affinity head needs clip_res5 and clip_mask_embed)"
+        )
+    base = build_config(cfg.head, {})
+    if cfg.preset == "tiny":
+        base = type(base).tiny()
+    elif cfg.preset != "default":
+        raise SamcpError(f"unknown head preset {cfg.preset!r}; use default or tiny")
+    d = base.to_dict()
+    levels = [f"clip_{lv}" for lv in clip["levels"]][-1:]
+    d.update(
+        clip_levels=levels,
+        clip_strides=[clip["strides"][lv.removeprefix("clip_")] for lv in levels],
+        clip_input_size=clip["input_size"],
+        text_dim=clip["embed_dim"],
+    )
+    d["clip_channels"] = [_channels(cfg.cache, lv) for lv in levels]
+    d.update(cfg.head_overrides)
+    try:
+        return type(base).from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise SamcpError(f"bad head config: {exc}") from None
+
+
+def _channels(cache: str, level: str) -> int:
+    reader = CacheReader(cache)
+    for s in reader.shard_ids:
+        g = reader.root["shards"][s]
+        if level in g:
+            return int(g[level].shape[1])
+    raise SamcpError(f"cache {cache} has no {level} array in any complete shard")
+
+
+def class_text_embeddings(
+    classes: ClassSpace,
+    cache_attrs: dict,
+    clip_checkpoint: str | None,
+    templates: str,
+    device: torch.device,
+) -> torch.Tensor:
+    """(K, D) one embedding per class: the normalised mean of its synonyms' template embeddings."""
+    from samcp.pipeline.vocab import text_embeddings, vocabulary_from_dataset
+
+    clip = cache_attrs["clip"]
+    vocab = vocabulary_from_dataset(classes.categories)
+    model = tokenizer = None
+    if clip_checkpoint:
+        import open_clip
+
+        from samcp.pipeline.clip import load_clip
+        from samcp.pipeline.foundation import file_sha256
+
+        if file_sha256(clip_checkpoint) != clip["checkpoint_sha256"]:
+            raise SamcpError(
+                f"--clip-checkpoint {clip_checkpoint} is not the CLIP the cache was made with; "
+                "pass the same checkpoint as for precompute"
+            )
+        model, _ = load_clip(clip["model"], clip_checkpoint, device)
+        tokenizer = open_clip.get_tokenizer(clip["model"])
+    try:
+        te = text_embeddings(
+            vocab,
+            clip["model"],
+            clip["checkpoint_sha256"],
+            model,
+            tokenizer,
+            templates=templates,
+            device=device,
+        )
+    except SamcpError as exc:
+        raise SamcpError(f"{exc} (pass --clip-checkpoint)") from None
+    k = len(classes)
+    out = torch.zeros(k, te.embeddings.shape[1], device=te.embeddings.device)
+    out.index_add_(0, te.class_index.to(out.device), te.embeddings.float())
+    return torch.nn.functional.normalize(out, dim=-1)
+
+
+class CacheSampler:
+    """Epoch orders over (shard, row) from shard metadata alone; samples prepared on demand.
+
+    Shards are visited in a seeded random order and rows shuffled within their shard, so reads
+    stay sequential per shard while batches mix images.
+    """
+
+    def __init__(
+        self, reader: CacheReader, dataset, classes: ClassSpace, head_cfg, cfg: TrainConfig
+    ):
+        self.reader, self.dataset, self.classes = reader, dataset, classes
+        self.head_cfg, self.cfg = head_cfg, cfg
+        self.shards = []
+        for sid in reader.shard_ids:
+            g = reader.root["shards"][sid]
+            status = g["status"][...]
+            self.shards.append((sid, [i for i, st in enumerate(status) if st == 0]))
+        self.num_images = sum(len(r) for _, r in self.shards)
+        if self.num_images == 0:
+            raise SamcpError(f"cache {cfg.cache} has no usable images to train on")
+        self._memo: dict[tuple[str, int], HeadSample] = {}
+        self._shard_rows: tuple[str, list] | None = None
+
+    def epoch_order(self, epoch: int) -> list[tuple[str, int]]:
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        order = []
+        for k in rng.permutation(len(self.shards)):
+            sid, rows = self.shards[k]
+            order.extend((sid, rows[j]) for j in rng.permutation(len(rows)))
+        return order
+
+    def sample(self, key: tuple[str, int]) -> HeadSample:
+        if key in self._memo:
+            return self._memo[key]
+        sid, i = key
+        if self._shard_rows is None or self._shard_rows[0] != sid:
+            self._shard_rows = (sid, self.reader.read_shard(sid))
+        row = self._shard_rows[1][i]
+        id_map, segs = self.dataset.load_panoptic(row.image_id)
+        gt = ground_truth_rles(id_map, segs, self.classes)
+        s = make_sample(row, self.head_cfg, self.cfg.max_patches, gt, self.classes)
+        if len(self._memo) < self.cfg.memo_images:
+            self._memo[key] = s
+        return s
+
+    def batches(self, start_step: int) -> Iterator[tuple[int, list[HeadSample]]]:
+        """(step, samples) from ``start_step`` on, forever; deterministic in (seed, step)."""
+        bs = self.cfg.batch_size
+        per_epoch = max(1, self.num_images // bs)
+        step = start_step
+        while True:
+            epoch, pos = divmod(step, per_epoch)
+            order = self.epoch_order(epoch)
+            keys = order[pos * bs : (pos + 1) * bs]
+            flips = np.random.default_rng([self.cfg.seed, epoch, pos, 1]).random(len(keys)) < 0.5
+            out = []
+            for key, flip in zip(keys, flips, strict=True):
+                s = self.sample(key)
+                if self.cfg.flip and flip:
+                    s = flip_sample(s, self.head_cfg.clip_input_size)
+                out.append(s)
+            yield step, out
+            step += 1
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Trains a head; returns a summary. ``stop_after`` ends early (tests of resume)."""
+    from samcp.models.registry import build_head, save_head
+    from samcp.pipeline.datasets import CocoPanopticDataset
+
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    reader = CacheReader(cfg.cache)
+    dataset = CocoPanopticDataset(Path(cfg.dataset), cfg.split)
+    classes = ClassSpace(dataset.categories)
+    head_cfg = head_config_for_cache(cfg, reader.attrs)
+    _check_run_folder(out, cfg, head_cfg, resume)
+    out.mkdir(parents=True, exist_ok=True)
+
+    text = class_text_embeddings(classes, reader.attrs, cfg.clip_checkpoint, cfg.templates, device)
+    _write_run_files(out, cfg, head_cfg, classes, text)
+
+    torch.manual_seed(cfg.seed)
+    model = build_head(cfg.head, head_cfg).to(device)
+    criterion = _criterion(cfg.head, head_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    milestones = sorted({max(1, int(f * cfg.steps)) for f in cfg.lr_drop})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    start = 0
+    if resume:
+        start = _load_latest(out, model, opt, sched)
+    sampler = CacheSampler(reader, dataset, classes, head_cfg, cfg)
+    logger = _MetricLogger(out, enabled_tb=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        unit="step",
+        desc="train",
+        file=sys.stderr,
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    t0 = time.perf_counter()
+    images = 0
+    last = {}
+    model.train()
+    for step, samples in sampler.batches(start):
+        if step >= cfg.steps or (stop_after is not None and step >= stop_after):
+            break
+        batch = collate(samples, text, device)
+        outputs = model(**batch)
+        losses = criterion(outputs, [s.targets.to(device) for s in samples])
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise SamcpError(f"loss became {loss.item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        sched.step()
+        images += len(samples)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            last = {k: float(v.detach()) for k, v in losses.items() if "/" not in k}
+            last["lr"] = opt.param_groups[0]["lr"]
+            last["images_per_s"] = images / (time.perf_counter() - t0)
+            logger.log(done, last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save_checkpoint(out, done, model, head_cfg, opt, sched)
+        bar.update(1)
+    bar.close()
+    logger.close()
+    final_step = _latest_step(out)
+    if final_step == cfg.steps:
+        save_head(model, head_cfg, out / "model")
+    return {
+        "run": str(out),
+        "steps_done": final_step,
+        "images_per_s": images / max(time.perf_counter() - t0, 1e-9),
+        "last": last,
+    }
+
+
+def _criterion(head: str, head_cfg):
+    if head != "affinity":
+        raise SamcpError(f"no trainer for head {head!r} yet")
+    from samcp.models.affinity import AffinityCriterion
+
+    return AffinityCriterion(head_cfg)
+
+
+def _check_run_folder(out: Path, cfg: TrainConfig, head_cfg, resume: bool) -> None:
+    saved = out / "train_config.json"
+    if not saved.exists():
+        if resume:
+            raise SamcpError(f"nothing to resume in {out}; start a run without --resume")
+        return
+    if not resume:
+        raise SamcpError(
+            f"run folder {out} already holds a run; use --resume to continue it or another --out"
+        )
+    old = json.loads(saved.read_text())
+    now = _config_json(cfg, head_cfg)
+    for key in ("head", "head_config", "batch_size", "lr", "seed", "steps", "max_patches", "flip"):
+        if old.get(key) != now.get(key):
+            raise SamcpError(
+                f"cannot resume {out}: {key} was {old.get(key)!r}, now {now.get(key)!r}; "
+                "resume with the same settings or start another run"
+            )
+
+
+def _config_json(cfg: TrainConfig, head_cfg) -> dict:
+    d = json.loads(json.dumps(asdict(cfg), default=str))
+    d["head_config"] = json.loads(json.dumps(head_cfg.to_dict()))
+    return d
+
+
+def _write_run_files(out: Path, cfg, head_cfg, classes: ClassSpace, text: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    (out / "train_config.json").write_text(json.dumps(_config_json(cfg, head_cfg), indent=2))
+    (out / "classes.json").write_text(json.dumps(classes.categories, indent=1))
+    save_file({"text_embed": text.detach().cpu().contiguous()}, str(out / "text_embed.safetensors"))
+
+
+def _save_checkpoint(out: Path, step: int, model, head_cfg, opt, sched) -> None:
+    from samcp.models.registry import save_head
+
+    final = out / "checkpoints" / f"step_{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    save_head(model, head_cfg, tmp)
+    torch.save(
+        {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "train_state.pt",
+    )
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # a checkpoint exists only once complete
+
+
+def _latest_step(out: Path) -> int:
+    steps = [int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_???????")]
+    return max(steps, default=0)
+
+
+def _load_latest(out: Path, model, opt, sched) -> int:
+    from safetensors.torch import load_file
+
+    step = _latest_step(out)
+    if step == 0:
+        return 0
+    ck = out / "checkpoints" / f"step_{step:07d}"
+    model.load_state_dict(load_file(str(ck / "model.safetensors")))
+    state = torch.load(ck / "train_state.pt", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return step
+
+
+class _MetricLogger:
+    """metrics.jsonl always; TensorBoard when the tensorboard package is installed."""
+
+    def __init__(self, out: Path, enabled_tb: bool) -> None:
+        self.file = open(out / "metrics.jsonl", "a")
+        self.tb = None
+        if enabled_tb:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
