@@ -1,4 +1,5 @@
-"""`samcp eval`: PQ/SQ/RQ, mIoU and AP of a prediction folder, or of the proposal oracle."""
+"""`samcp eval`: PQ/SQ/RQ, mIoU and AP of a prediction folder, of a trained run on a cache (predict
+then evaluate), or of the proposal oracle."""
 
 from __future__ import annotations
 
@@ -15,21 +16,43 @@ from samcp.pipeline.errors import SamcpError
 @click.option(
     "--gt",
     "gt_path",
-    required=True,
     type=click.Path(exists=True, path_type=Path),
-    help="COCO panoptic dataset root (annotations/panoptic_<split>.json) or a panoptic JSON file.",
+    help="COCO panoptic dataset root (annotations/panoptic_<split>.json) or a panoptic JSON file. "
+    "With --run, defaults to the dataset the cache was made from.",
 )
 @click.option(
     "--split",
-    default="val2017",
-    show_default=True,
-    help="Split to evaluate when --gt is a dataset root.",
+    default=None,
+    help="Split to evaluate when --gt is a dataset root [default: val2017, or with --run and no "
+    "--gt the cache's split].",
 )
 @click.option(
     "--pred",
     "pred_dir",
     type=click.Path(path_type=Path),
     help="Prediction folder written by samcp predict (panoptic.json, panoptic/, ...).",
+)
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Predict with this trained run on --cache (into RUN/predictions/<cache name>/), then "
+    "evaluate.",
+)
+@click.option(
+    "--cache",
+    "run_cache",
+    type=click.Path(exists=True, path_type=Path),
+    help="Proposal cache of the images to predict with --run.",
+)
+@click.option(
+    "--kappa",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="With --run: CLIP fusion weight (see samcp predict) [default: the head config's].",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="With --run: auto, cpu or cuda[:N]."
 )
 @click.option(
     "--oracle",
@@ -69,9 +92,13 @@ from samcp.pipeline.errors import SamcpError
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def command(
-    gt_path: Path,
-    split: str,
+    gt_path: Path | None,
+    split: str | None,
     pred_dir: Path | None,
+    run_dir: Path | None,
+    run_cache: Path | None,
+    kappa: float | None,
+    device: str,
     oracle_cache: Path | None,
     oracle_threshold: float,
     oracle_out: Path | None,
@@ -81,7 +108,8 @@ def command(
     workers: int | None,
     no_progress: bool,
 ) -> None:
-    """Evaluate predictions (or the proposal oracle) against a COCO panoptic ground truth."""
+    """Evaluate predictions (a --pred folder, or a --run predicted on a --cache, or the proposal
+    oracle) against a COCO panoptic ground truth."""
     from samcp.pipeline.evaluation import (
         build_oracle_predictions,
         cache_proposals,
@@ -91,13 +119,36 @@ def command(
     )
     from samcp.pipeline.evaluation.formats import write_json_atomic
 
-    if (pred_dir is None) == (oracle_cache is None):
-        raise SamcpError("pass exactly one of --pred PRED_DIR or --oracle CACHE")
+    if sum(x is not None for x in (pred_dir, oracle_cache, run_dir)) != 1:
+        raise SamcpError(
+            "pass exactly one of --pred PRED_DIR, --run RUN --cache CACHE or --oracle CACHE"
+        )
+    if (run_dir is None) != (run_cache is None):
+        raise SamcpError("--run and --cache go together: pass both, or neither")
     if workers is not None and workers < 1:
         raise SamcpError(f"--workers {workers} must be at least 1")
     workers = workers or os.cpu_count() or 1
-    gt_json, gt_png_dir = resolve_ground_truth(gt_path, split)
+    if gt_path is None:
+        if run_cache is None:
+            raise SamcpError("pass --gt DATASET_OR_JSON (the ground truth to evaluate against)")
+        gt_path, cache_split = _cache_source(run_cache)
+        split = split or cache_split
+    gt_json, gt_png_dir = resolve_ground_truth(gt_path, split or "val2017")
     progress = not no_progress
+
+    if run_dir is not None:
+        from samcp.pipeline.predict import gt_file_stems, predict_run, prediction_notes
+
+        assert run_cache is not None
+        pred_dir = predict_run(
+            run_dir,
+            run_cache,
+            run_dir / "predictions" / run_cache.resolve().name,
+            kappa=kappa,
+            device=device,
+            file_stems=gt_file_stems(gt_json),
+            progress=progress,
+        )
 
     with tempfile.TemporaryDirectory(prefix="samcp-oracle-") as tmp:
         oracle_stats = None
@@ -121,6 +172,8 @@ def command(
             semantic_rule=semantic_rule,  # type: ignore[arg-type]
             progress=progress,
         )
+    if run_dir is not None:
+        report.notes[:0] = [f"predictions of {run_dir}: {pred_dir}", *prediction_notes(pred_dir)]
     if oracle_stats is not None:
         report.notes.insert(
             0,
@@ -133,6 +186,7 @@ def command(
         out = report.to_dict(per_class=per_class)
         out["ground_truth"] = str(gt_json)
         out["predictions"] = str(oracle_cache if oracle_cache is not None else pred_dir)
+        out["run"] = None if run_dir is None else {"run": str(run_dir), "cache": str(run_cache)}
         out["oracle"] = (
             None
             if oracle_stats is None
@@ -143,3 +197,13 @@ def command(
             }
         )
         write_json_atomic(json_out, out)
+
+
+def _cache_source(cache: Path) -> tuple[Path, str | None]:
+    """The dataset a cache was made from (its ``dataset_source`` attribute): (path, split)."""
+    from samcp.pipeline.cache import CacheReader
+
+    src = CacheReader(cache).attrs.get("dataset_source") or {}
+    if not src.get("path"):
+        raise SamcpError(f"cache {cache} does not record the dataset it was made from; pass --gt")
+    return Path(src["path"]), src.get("split")

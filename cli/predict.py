@@ -1,0 +1,119 @@
+"""`samcp predict`: a trained run's panoptic, semantic and instance predictions on a cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("predict")
+@click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Run folder written by samcp train (model/ or its latest checkpoint).",
+)
+@click.option(
+    "--cache",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Proposal cache of the images to predict (made with the run's CLIP).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Prediction folder to write (an earlier prediction folder there is replaced).",
+)
+@click.option(
+    "--vocabulary",
+    default=None,
+    help="Open-vocabulary prediction: an FC-CLIP class file (id:name,synonym,...) or a builtin "
+    "name (coco_panoptic, ade20k_150, cityscapes). Default: the training classes.",
+)
+@click.option(
+    "--clip-checkpoint",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The cache's CLIP weights, to embed a --vocabulary not in the text-embedding cache yet.",
+)
+@click.option(
+    "--kappa",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="CLIP weight in S_ov = sigmoid(S_cls)^(1-k) * softmax(S_CLIP)^k; 0 = learned classifier "
+    "only [default: the head config's, 0.4].",
+)
+@click.option(
+    "--score-thresh",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="Instances scoring below this are left out of the panoptic output.",
+)
+@click.option(
+    "--overlap-thresh",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.8,
+    show_default=True,
+    help="An instance is painted only if this fraction of it is not yet covered.",
+)
+@click.option(
+    "--stuff-area-min",
+    type=click.IntRange(min=0),
+    default=4096,
+    show_default=True,
+    help="Stuff regions smaller than this many pixels become void.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Images per forward pass (faster on a GPU, more memory).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu or cuda[:N].",
+)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def command(
+    run_dir: Path,
+    cache: Path,
+    out_dir: Path,
+    vocabulary: str | None,
+    clip_checkpoint: str | None,
+    kappa: float | None,
+    score_thresh: float,
+    overlap_thresh: float,
+    stuff_area_min: int,
+    batch_size: int,
+    device: str,
+    no_progress: bool,
+) -> None:
+    """Predict every image of CACHE with the head of RUN and write COCO panoptic PNG+JSON,
+    semantic PNGs and instance results (RLE) to --out."""
+    from samcp.pipeline.predict import predict_run, prediction_notes
+
+    out = predict_run(
+        run_dir,
+        cache,
+        out_dir,
+        vocabulary=vocabulary,
+        clip_checkpoint=clip_checkpoint,
+        kappa=kappa,
+        device=device,
+        score_thresh=score_thresh,
+        overlap_thresh=overlap_thresh,
+        stuff_area_min=stuff_area_min,
+        batch_size=batch_size,
+        progress=not no_progress,
+    )
+    for note in prediction_notes(out):
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"predictions: {out}")

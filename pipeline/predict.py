@@ -1,0 +1,935 @@
+"""`samcp predict`: a trained head's predictions on a proposal cache, in COCO's formats.
+
+For every cached image the head sees its patches exactly as training did (`headdata.make_sample`,
+`headdata.collate`); the last decoder layer's outputs go through SAM-CP's inference
+(`samcp.models.affinity.predict_image`, section 3.3), which names the member patches of each class
+region and each instance. Masks are unions of the members' cached RLEs (`pycocotools.mask.merge`);
+full-resolution masks are decoded only to paint the PNGs. The prediction folder::
+
+    PRED_DIR/panoptic.json         COCO panoptic: images, annotations (segments_info), categories
+    PRED_DIR/panoptic/<stem>.png   RGB panoptic PNGs, id = R + 256 G + 256^2 B, 0 = void
+    PRED_DIR/semantic/<stem>.png   uint8 contiguous class index (panoptic.json's categories), 255 = none
+    PRED_DIR/instances.json        COCO results: image_id, category_id, segmentation (RLE), score, bbox
+    PRED_DIR/predict_info.json     run, cache, vocabulary, kappa, composition thresholds, notes
+
+``<stem>`` is the ground truth's PNG stem (COCO: the image's file stem) when the cache's dataset is
+readable, else the image id. The composition rules are in docs/predict.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from samcp.pipeline.cache import STATUS_OK, CachedImage, CacheReader
+from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.headdata import ClassSpace, HeadSample, collate, make_sample
+
+NO_CLASS = -1  # "no region covers this pixel" in class-index maps
+IGNORE_LABEL = 255  # the same in semantic PNGs (detectron2's ignore label)
+INFO_FILE = "predict_info.json"
+
+
+@dataclass(frozen=True)
+class PanopticParams:
+    """The panoptic composition (Panoptic FPN / Mask2Former overlap rule).
+
+    score_thresh: instances scoring below this are not painted (they stay in instances.json).
+    overlap_thresh: an instance is kept only if at least this fraction of its mask is still
+        unpainted when its turn comes (Mask2Former's overlap_threshold); it then takes only the
+        unpainted part.
+    stuff_area_min: a stuff class's leftover region smaller than this many pixels becomes void
+        (Panoptic FPN's stuff_area_thresh).
+    """
+
+    score_thresh: float = 0.5
+    overlap_thresh: float = 0.8
+    stuff_area_min: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_thresh <= 1.0:
+            raise SamcpError(f"--score-thresh {self.score_thresh} must be in [0, 1]")
+        if not 0.0 <= self.overlap_thresh <= 1.0:
+            raise SamcpError(f"--overlap-thresh {self.overlap_thresh} must be in [0, 1]")
+        if self.stuff_area_min < 0:
+            raise SamcpError(f"--stuff-area-min {self.stuff_area_min} must be >= 0")
+
+
+@dataclass
+class LabelSpace:
+    """The classes a prediction can take, and how they are written.
+
+    Attributes:
+        categories: one dict per class (id, name, isthing) in class-index order (the order of the
+            text embeddings the head is run with).
+        isthing: (K,) bool; instances take only thing classes, stuff fills the rest.
+        output_categories: the categories of panoptic.json; semantic PNG values index this list.
+        semantic_index: (K,) position of each class in ``output_categories``.
+        source: what thing/stuff came from ("run", a dataset JSON, or "vocabulary" = all things).
+    """
+
+    categories: list[dict]
+    isthing: np.ndarray
+    output_categories: list[dict]
+    semantic_index: np.ndarray
+    source: str
+
+    @classmethod
+    def from_categories(cls, categories: Sequence[dict], source: str = "run") -> LabelSpace:
+        """The label space of a dataset's own categories (semantic index = position)."""
+        cats = [_category(c) for c in categories]
+        isthing = np.array([bool(c["isthing"]) for c in cats])
+        return cls(cats, isthing, cats, np.arange(len(cats)), source)
+
+    @property
+    def ids(self) -> list[int]:
+        return [int(c["id"]) for c in self.categories]
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+
+@dataclass
+class ImageOutput:
+    """One image's merged regions and instances (masks as COCO RLEs with bytes counts).
+
+    Attributes:
+        semantic_rles: (K) region of each class's Type-I query, None where it merged no patch.
+        semantic_scores: (K,) fused score of each class region.
+        instance_rles, instance_labels, instance_scores: ranked instances (score descending).
+    """
+
+    image_id: str
+    height: int
+    width: int
+    semantic_rles: list[dict | None]
+    semantic_scores: np.ndarray
+    instance_rles: list[dict]
+    instance_labels: np.ndarray
+    instance_scores: np.ndarray
+
+    @classmethod
+    def empty(cls, image_id: str, height: int, width: int, num_classes: int) -> ImageOutput:
+        return cls(
+            image_id,
+            height,
+            width,
+            [None] * num_classes,
+            np.zeros(num_classes, np.float32),
+            [],
+            np.zeros(0, np.int64),
+            np.zeros(0, np.float32),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks: unions of patches, the semantic map and the panoptic composition (pure numpy / RLE).
+# ----------------------------------------------------------------------------------------------
+
+
+def union_rle(rles: Sequence[dict], members: np.ndarray) -> dict | None:
+    """The union of the member patches' RLEs (RLE ops only), or None for no member."""
+    idx = np.flatnonzero(members)
+    if idx.size == 0:
+        return None
+    return mask_utils.merge([rles[i] for i in idx.tolist()], intersect=0)
+
+
+def _decode(rle: dict) -> np.ndarray:
+    return mask_utils.decode(rle).astype(bool)
+
+
+def semantic_label_map(
+    region_rles: Sequence[dict | None], scores: np.ndarray, height: int, width: int
+) -> np.ndarray:
+    """(H, W) int32: per pixel the class whose region covers it with the highest score.
+
+    Regions are painted in ascending score order, so the best-scoring one ends on top (ties: the
+    higher class index). Pixels no region covers are ``NO_CLASS`` (-1).
+    """
+    out = np.full((height, width), NO_CLASS, np.int32)
+    for k in np.argsort(np.asarray(scores, np.float64), kind="stable").tolist():
+        rle = region_rles[k]
+        if rle is not None:
+            out[_decode(rle)] = k
+    return out
+
+
+def compose_panoptic(
+    instance_rles: Sequence[dict],
+    instance_labels: np.ndarray,
+    instance_scores: np.ndarray,
+    semantic: np.ndarray,
+    semantic_scores: np.ndarray,
+    isthing: np.ndarray,
+    params: PanopticParams = PanopticParams(),
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Panoptic segments from ranked instances and the semantic map.
+
+    1. Instances by descending score, while score >= ``score_thresh``: one whose unpainted part is
+       at least ``overlap_thresh`` of its area paints that part; any other is dropped.
+    2. Each stuff class c fills the still-unpainted pixels where the semantic map says c; a fill
+       smaller than ``stuff_area_min`` pixels is dropped (void). Pixels whose best class is a thing
+       that no kept instance covers stay void (as in Panoptic FPN).
+
+    Args:
+        instance_rles: (N) instance masks.
+        instance_labels: (N,) class index.
+        instance_scores: (N,) score.
+        semantic: (H, W) class index per pixel, ``NO_CLASS`` for none (`semantic_label_map`).
+        semantic_scores: (K,) class region scores (a stuff segment's score).
+        isthing: (K,) bool.
+        params: thresholds.
+
+    Returns:
+        ``(ids, segments)``: (H, W) int32 segment ids (0 = void, then 1, 2, ... unique), and per
+        segment ``{"id", "label", "isthing", "score", "area"}`` in id order.
+    """
+    h, w = semantic.shape
+    ids = np.zeros((h, w), np.int32)
+    painted = np.zeros((h, w), bool)
+    segments: list[dict[str, Any]] = []
+    order = np.argsort(-np.asarray(instance_scores, np.float64), kind="stable")
+    for i in order.tolist():
+        score = float(instance_scores[i])
+        if score < params.score_thresh:
+            break
+        mask = _decode(instance_rles[i])
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        mask &= ~painted
+        free = int(mask.sum())
+        if free == 0 or free / area < params.overlap_thresh:
+            continue
+        seg_id = len(segments) + 1
+        ids[mask] = seg_id
+        painted |= mask
+        label = int(instance_labels[i])
+        segments.append(
+            {"id": seg_id, "label": label, "isthing": True, "score": score, "area": free}
+        )
+    for c in np.unique(semantic[semantic >= 0]).tolist():
+        if isthing[c]:
+            continue
+        mask = (semantic == c) & ~painted
+        area = int(mask.sum())
+        if area == 0 or area < params.stuff_area_min:
+            continue
+        seg_id = len(segments) + 1
+        ids[mask] = seg_id
+        painted |= mask
+        segments.append(
+            {
+                "id": seg_id,
+                "label": int(c),
+                "isthing": False,
+                "score": float(semantic_scores[c]),
+                "area": area,
+            }
+        )
+    return ids, segments
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: head, classes, text embeddings.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_run_head(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, Any, str | None]:
+    """The run's final model, else its latest checkpoint; returns (module, config, note)."""
+    from samcp.models.registry import load_head
+
+    run_dir = Path(run_dir)
+    final = run_dir / "model"
+    if (final / "model.safetensors").is_file():
+        model, cfg = load_head(final, str(device))
+        return model, cfg, None
+    ckpts = sorted((run_dir / "checkpoints").glob("step_???????"))
+    ckpts = [c for c in ckpts if (c / "model.safetensors").is_file()]
+    if not ckpts:
+        raise SamcpError(
+            f"run {run_dir} has no model/ and no checkpoint; train it first (samcp train)"
+        )
+    model, cfg = load_head(ckpts[-1], str(device))
+    return model, cfg, f"run has no final model yet: using checkpoint {ckpts[-1].name}"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SamcpError(f"{path}: {what} not found; is this a samcp run folder?") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SamcpError(f"{path}: cannot read {what} ({exc})") from None
+
+
+def vocabulary_text_embed(
+    vocab, cache_attrs: dict, clip_checkpoint: str | None, templates: str, device: torch.device
+) -> torch.Tensor:
+    """(K, D) one embedding per vocabulary class: the normalised mean over its synonyms.
+
+    Each synonym is embedded through `samcp.pipeline.train.class_text_embeddings` (one "class" per
+    synonym: the same CLIP check, loading and disk cache as training), then synonyms are averaged
+    exactly as that function averages them.
+    """
+    from samcp.pipeline.train import class_text_embeddings
+
+    names, class_index = vocab.flat()
+    per_name = ClassSpace([{"id": i, "name": n} for i, n in enumerate(names)])
+    try:
+        te = class_text_embeddings(per_name, cache_attrs, clip_checkpoint, templates, device)
+    except SamcpError:
+        if clip_checkpoint:
+            raise
+        raise SamcpError(
+            f"text embeddings of vocabulary {vocab.name!r} for CLIP {cache_attrs['clip']['model']} "
+            "are not cached yet; pass --clip-checkpoint (the cache's CLIP) to compute them"
+        ) from None
+    out = torch.zeros(len(vocab), te.shape[1], device=te.device)
+    out.index_add_(0, torch.tensor(class_index, device=te.device), te.float())
+    return torch.nn.functional.normalize(out, dim=-1)
+
+
+def _dataset_categories(cache_attrs: dict) -> tuple[str, list[dict]] | None:
+    """The categories of the cache's source dataset (its panoptic JSON), when readable."""
+    src = cache_attrs.get("dataset_source") or {}
+    if not src.get("path"):
+        return None
+    path = Path(src["path"]) / "annotations" / f"panoptic_{src.get('split') or 'val2017'}.json"
+    try:
+        cats = json.loads(path.read_text(encoding="utf-8")).get("categories")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (str(path), cats) if isinstance(cats, list) else None
+
+
+def _category(c: dict) -> dict:
+    """id, name, isthing (and colour when known) of a dataset category."""
+    out = {"id": int(c["id"]), "name": str(c["name"]), "isthing": int(c.get("isthing", 1))}
+    if isinstance(c.get("color"), list) and len(c["color"]) == 3:
+        out["color"] = [int(v) for v in c["color"]]
+    return out
+
+
+def _match(vocab, categories: list[dict]) -> np.ndarray | None:
+    """Position of each vocabulary class in ``categories`` when every class is there by id and
+    its first name equals the category's name (case-insensitive); else None."""
+    by_id = {
+        int(c["id"]): (i, str(c.get("name", "")).strip().lower()) for i, c in enumerate(categories)
+    }
+    pos = []
+    for cid, names in zip(vocab.ids, vocab.names, strict=True):
+        hit = by_id.get(int(cid))
+        if hit is None or hit[1] != names[0].strip().lower():
+            return None
+        pos.append(hit[0])
+    return np.asarray(pos, np.int64)
+
+
+def vocabulary_label_space(
+    vocab, candidates: Sequence[tuple[str, list[dict]]]
+) -> tuple[LabelSpace, str | None]:
+    """Thing/stuff for a prediction vocabulary: from the first dataset whose categories it matches
+    (id and name), else every class is a thing (a free vocabulary says nothing about stuff)."""
+    for source, cats in candidates:
+        pos = _match(vocab, cats)
+        if pos is not None:
+            out_cats = [_category(c) for c in cats]
+            classes = [out_cats[p] for p in pos.tolist()]
+            isthing = np.array([bool(c["isthing"]) for c in classes])
+            return LabelSpace(classes, isthing, out_cats, pos, source), None
+    classes = [
+        {"id": int(cid), "name": names[0], "isthing": 1}
+        for cid, names in zip(vocab.ids, vocab.names, strict=True)
+    ]
+    note = (
+        f"vocabulary {vocab.name!r} matches no known dataset's categories: thing/stuff is unknown, "
+        "every class is treated as a thing (no stuff fill in the panoptic output)"
+    )
+    k = len(classes)
+    return LabelSpace(classes, np.ones(k, bool), classes, np.arange(k), "vocabulary"), note
+
+
+class Predictor:
+    """A trained run ready to predict: head, text embeddings, label space, sample settings.
+
+    Build it with :meth:`from_run`; :meth:`sample` turns a cache row into the head's input the way
+    training did, :meth:`predict` runs a batch of samples.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        head_cfg,
+        text_embed: torch.Tensor,
+        labels: LabelSpace,
+        max_patches: int,
+        device: torch.device,
+        notes: list[str] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.head_cfg = head_cfg
+        self.text_embed = text_embed.to(device).float()
+        self.labels = labels
+        self.max_patches = max_patches
+        self.device = device
+        self.notes = list(notes or [])
+        self._thing = torch.from_numpy(labels.isthing).to(device)
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        cache_attrs: dict,
+        *,
+        vocabulary=None,
+        clip_checkpoint: str | None = None,
+        kappa: float | None = None,
+        device: str = "auto",
+    ) -> Predictor:
+        """Loads a run folder for predicting on a cache with attributes ``cache_attrs``.
+
+        Args:
+            run_dir: the run folder `samcp train` wrote.
+            cache_attrs: the prediction cache's root attributes (its CLIP must be the run's).
+            vocabulary: None (the training classes) or a class file / builtin name / Vocabulary.
+            clip_checkpoint: the cache's CLIP, to embed a vocabulary not yet in the text cache.
+            kappa: open-vocabulary fusion weight; None takes the head config's (0.4).
+            device: "auto", "cpu" or "cuda".
+        """
+        from samcp.pipeline.train import resolve_device
+        from samcp.pipeline.vocab import read_vocabulary
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise SamcpError(f"run folder {run_dir} not found; pass the --out of samcp train")
+        dev = resolve_device(device)
+        train_cfg = _read_json(run_dir / "train_config.json", "train_config.json")
+        classes = _read_json(run_dir / "classes.json", "classes.json")
+        model, head_cfg, note = load_run_head(run_dir, dev)
+        notes = [note] if note else []
+        _check_cache(cache_attrs, head_cfg, train_cfg)
+        if kappa is not None:
+            if not 0.0 <= kappa <= 1.0:
+                raise SamcpError(f"--kappa {kappa} must be in [0, 1]")
+            head_cfg = replace(head_cfg, kappa=float(kappa))
+
+        if vocabulary is None:
+            from safetensors.torch import load_file
+
+            path = run_dir / "text_embed.safetensors"
+            if not path.is_file():
+                raise SamcpError(f"{path} not found; is {run_dir} a complete samcp run?")
+            text = load_file(str(path))["text_embed"]
+            labels = LabelSpace.from_categories(classes, "run")
+            if text.shape[0] != len(labels):
+                raise SamcpError(
+                    f"{path} has {text.shape[0]} classes but classes.json {len(labels)}; "
+                    "the run folder is inconsistent, re-train"
+                )
+        else:
+            vocab = read_vocabulary(vocabulary)
+            text = vocabulary_text_embed(
+                vocab, cache_attrs, clip_checkpoint, train_cfg.get("templates", "vild"), dev
+            )
+            candidates = [(str(run_dir / "classes.json"), classes)]
+            ds = _dataset_categories(cache_attrs)
+            if ds is not None:
+                candidates.append(ds)
+            labels, note = vocabulary_label_space(vocab, candidates)
+            if note:
+                notes.append(note)
+        if text.shape[1] != head_cfg.text_dim:
+            raise SamcpError(
+                f"text embeddings have dimension {text.shape[1]} but the head expects "
+                f"{head_cfg.text_dim}; use the CLIP the run was trained with"
+            )
+        max_patches = int(train_cfg.get("max_patches", 300))
+        return cls(model, head_cfg, text, labels, max_patches, dev, notes)
+
+    def sample(self, row: CachedImage) -> HeadSample:
+        """The head's input for a cache row (the first ``max_patches`` patches, as in training)."""
+        return make_sample(row, self.head_cfg, self.max_patches, gt=None)
+
+    @torch.no_grad()
+    def predict(self, samples: Sequence[HeadSample]) -> list[ImageOutput]:
+        """Runs the head on a batch and merges each image's regions and instances."""
+        from samcp.models.affinity import predict_image
+
+        if not samples:
+            return []
+        k = len(self.labels)
+        batch = collate(list(samples), self.text_embed, self.device)
+        out = self.model(**batch)
+        results = []
+        for i, s in enumerate(samples):
+            n = s.num_patches
+            if n == 0:
+                results.append(ImageOutput.empty(s.image_id, s.height, s.width, k))
+                continue
+            emb = s.patch_clip_embed
+            pred = predict_image(
+                out.affinity_logits[-1, i, : k + n, :n],
+                out.class_logits[-1, i, : k + n],
+                out.patch_valid[i, :n],
+                k,
+                self.head_cfg,
+                patch_clip_embed=None if emb is None else emb.to(self.device).float(),
+                text_embed=None if emb is None else self.text_embed,
+                patch_areas=s.patch_areas.to(self.device),
+                instance_classes=self._thing,
+            )
+            sem_members = pred.semantic_members.cpu().numpy()
+            inst_members = pred.instance_members.cpu().numpy()
+            results.append(
+                ImageOutput(
+                    s.image_id,
+                    s.height,
+                    s.width,
+                    [union_rle(s.patch_rles, m) for m in sem_members],
+                    pred.semantic_scores.float().cpu().numpy(),
+                    [union_rle(s.patch_rles, m) for m in inst_members],
+                    pred.instance_labels.cpu().numpy().astype(np.int64),
+                    pred.instance_scores.float().cpu().numpy(),
+                )
+            )
+        return results
+
+
+def _check_cache(attrs: dict, head_cfg, train_cfg: dict) -> None:
+    """The prediction cache must carry the CLIP features the head was trained on."""
+    clip = attrs.get("clip")
+    if not clip or not clip.get("store_dense", True):
+        raise SamcpError(
+            "the cache has no dense CLIP features; re-run precompute with --clip-checkpoint"
+        )
+    if int(clip["input_size"]) != int(head_cfg.clip_input_size):
+        raise SamcpError(
+            f"the cache's CLIP input size is {clip['input_size']} but the run was trained at "
+            f"{head_cfg.clip_input_size}; precompute with --clip-input-size "
+            f"{head_cfg.clip_input_size}"
+        )
+    train_cache = train_cfg.get("cache")
+    if train_cache:
+        try:
+            trained = CacheReader(train_cache).attrs.get("clip") or {}
+        except SamcpError:
+            return  # the training cache is gone; the checks above must do
+        if trained.get("checkpoint_sha256") not in (None, clip.get("checkpoint_sha256")):
+            raise SamcpError(
+                f"the cache's CLIP ({clip.get('model')}, sha256 "
+                f"{str(clip.get('checkpoint_sha256'))[:12]}) is not the one the run was trained "
+                "on; precompute with the same CLIP checkpoint"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a prediction folder.
+# ----------------------------------------------------------------------------------------------
+
+
+def gt_file_stems(json_path: str | Path) -> dict[str, str]:
+    """``str(image_id) -> PNG stem`` from a COCO panoptic JSON (annotations' file_name, else the
+    images' file_name)."""
+    data = _read_json(Path(json_path), "panoptic JSON")
+    stems = {str(im["id"]): Path(im["file_name"]).stem for im in data.get("images", [])}
+    stems.update(
+        {str(a["image_id"]): Path(a["file_name"]).stem for a in data.get("annotations", [])}
+    )
+    return stems
+
+
+def _default_stems(cache_attrs: dict) -> dict[str, str]:
+    src = cache_attrs.get("dataset_source") or {}
+    if not src.get("path"):
+        return {}
+    path = Path(src["path"]) / "annotations" / f"panoptic_{src.get('split') or 'val2017'}.json"
+    if not path.is_file():
+        return {}
+    try:
+        return gt_file_stems(path)
+    except SamcpError:
+        return {}
+
+
+def _json_image_id(image_id: str) -> int | str:
+    """COCO's int ids stay ints (pycocotools matches them by type); other ids stay strings."""
+    return int(image_id) if image_id.isdigit() and str(int(image_id)) == image_id else image_id
+
+
+def _safe_stem(stem: str) -> str:
+    return stem.replace("/", "_").replace(os.sep, "_") or "_"
+
+
+class PredictionWriter:
+    """Writes a prediction folder image by image: everything goes to ``<out>.tmp`` first and
+    :meth:`finish` renames it to ``out`` (replacing an earlier prediction folder), so a crash never
+    leaves half a folder behind; :meth:`abort` removes the temporary folder.
+
+    Args:
+        out: the prediction folder.
+        labels: classes of the ImageOutputs (category ids, thing/stuff, semantic PNG index).
+        params: panoptic composition thresholds.
+        stems: ``image_id -> file stem`` of the PNGs (default the image id).
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        labels: LabelSpace,
+        params: PanopticParams = PanopticParams(),
+        stems: Mapping[str, str] | None = None,
+    ) -> None:
+        out = self.out = Path(out)
+        self.tmp = out.with_name(out.name + ".tmp")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        (self.tmp / "panoptic").mkdir(parents=True)
+        self.labels, self.params, self.stems = labels, params, dict(stems or {})
+        self.semantic = int(labels.semantic_index.max(initial=0)) < IGNORE_LABEL
+        if self.semantic:
+            (self.tmp / "semantic").mkdir()
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+        self.instances: list[dict] = []
+        self.used_stems: set[str] = set()
+
+    def add(self, p: ImageOutput) -> None:
+        """Composes and writes one image's PNGs; its JSON entries are kept for :meth:`finish`."""
+        stem = _safe_stem(self.stems.get(p.image_id, p.image_id))
+        if stem in self.used_stems:
+            raise SamcpError(f"two cached images map to the file name {stem}.png; ids must differ")
+        self.used_stems.add(stem)
+        image_id = _json_image_id(p.image_id)
+        ids = self.labels.ids
+        sem = semantic_label_map(p.semantic_rles, p.semantic_scores, p.height, p.width)
+        if self.semantic:
+            png = np.full(sem.shape, IGNORE_LABEL, np.uint8)
+            has = sem >= 0
+            png[has] = self.labels.semantic_index[sem[has]]
+            _write_png(self.tmp / "semantic" / f"{stem}.png", png)
+        pan, segments = compose_panoptic(
+            p.instance_rles,
+            p.instance_labels,
+            p.instance_scores,
+            sem,
+            p.semantic_scores,
+            self.labels.isthing,
+            self.params,
+        )
+        from samcp.pipeline.evaluation.formats import write_panoptic_png
+
+        write_panoptic_png(self.tmp / "panoptic" / f"{stem}.png", pan)
+        info = []
+        for s in segments:
+            ys, xs = np.nonzero(pan == s["id"])
+            bbox = [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
+            info.append(
+                {
+                    "id": s["id"],
+                    "category_id": ids[s["label"]],
+                    "iscrowd": 0,
+                    "isthing": int(s["isthing"]),
+                    "area": s["area"],
+                    "bbox": bbox,
+                    "score": round(s["score"], 6),
+                }
+            )
+        self.images.append(
+            {"id": image_id, "file_name": f"{stem}.png", "height": p.height, "width": p.width}
+        )
+        self.annotations.append(
+            {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": info}
+        )
+        for rle, label, score in zip(
+            p.instance_rles, p.instance_labels.tolist(), p.instance_scores.tolist(), strict=True
+        ):
+            counts = rle["counts"]
+            self.instances.append(
+                {
+                    "image_id": image_id,
+                    "category_id": ids[int(label)],
+                    "segmentation": {
+                        "size": [int(v) for v in rle["size"]],
+                        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+                    },
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "score": float(score),
+                }
+            )
+
+    def finish(self, info: dict) -> Path:
+        """Writes the JSON files (``info`` as predict_info.json) and moves the folder into place."""
+        from samcp.pipeline.evaluation.formats import write_json_atomic
+
+        write_json_atomic(
+            self.tmp / "panoptic.json",
+            {
+                "images": self.images,
+                "annotations": self.annotations,
+                "categories": self.labels.output_categories,
+            },
+        )
+        write_json_atomic(self.tmp / "instances.json", self.instances)
+        write_json_atomic(self.tmp / INFO_FILE, info)
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _write_png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(arr).save(path)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SamcpError(f"--out {out} is a file; pass a folder for the predictions")
+    if out.is_dir() and any(out.iterdir()) and not (out / "panoptic.json").is_file():
+        raise SamcpError(
+            f"--out {out} exists and is not a samcp prediction folder; pass another --out "
+            "(an earlier prediction folder is replaced)"
+        )
+
+
+def _batches(rows: Iterator[CachedImage], size: int) -> Iterator[list[CachedImage]]:
+    batch: list[CachedImage] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_run(
+    run_dir: str | Path,
+    cache: str | Path,
+    out_dir: str | Path,
+    *,
+    vocabulary=None,
+    clip_checkpoint: str | None = None,
+    kappa: float | None = None,
+    device: str = "auto",
+    score_thresh: float = PanopticParams.score_thresh,
+    overlap_thresh: float = PanopticParams.overlap_thresh,
+    stuff_area_min: int = PanopticParams.stuff_area_min,
+    batch_size: int = 4,
+    file_stems: Mapping[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Predicts every image of a cache with a trained run and writes a prediction folder.
+
+    Args:
+        run_dir: the run folder of `samcp train` (model/, or its latest checkpoint).
+        cache: the proposal cache of the images to predict (same CLIP as the run's).
+        out_dir: prediction folder to write (an earlier prediction folder there is replaced).
+        vocabulary: None for the training classes, or an FC-CLIP class file / builtin name
+            (open-vocabulary prediction; category ids come from the file).
+        clip_checkpoint: the cache's CLIP weights, needed to embed a vocabulary that is not in
+            the text-embedding cache yet.
+        kappa: weight of CLIP in S_ov = sigmoid(S_cls)^(1-kappa) * softmax(S_CLIP)^kappa;
+            None uses the head config's (0.4). 0 = the learned classifier only.
+        device: "auto", "cpu" or "cuda".
+        score_thresh, overlap_thresh, stuff_area_min: panoptic composition (`PanopticParams`).
+        batch_size: images per forward pass (more is faster on a GPU, needs more memory).
+        file_stems: ``image_id -> PNG stem``; default the cache's source dataset's PNG names
+            (so `samcp eval` finds the semantic PNGs), else the image id.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        ``out_dir``.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    _check_out(out)
+    params = PanopticParams(score_thresh, overlap_thresh, int(stuff_area_min))
+    if batch_size < 1:
+        raise SamcpError(f"--batch-size {batch_size} must be at least 1")
+    reader = CacheReader(cache)
+    predictor = Predictor.from_run(
+        run_dir,
+        reader.attrs,
+        vocabulary=vocabulary,
+        clip_checkpoint=clip_checkpoint,
+        kappa=kappa,
+        device=device,
+    )
+    labels = predictor.labels
+    notes = list(predictor.notes)
+    if not reader.shard_ids:
+        raise SamcpError(f"cache {cache} has no complete shard; run samcp precompute first")
+    stems = dict(file_stems) if file_stems is not None else _default_stems(reader.attrs)
+    writer = PredictionWriter(out, labels, params, stems)
+    if not writer.semantic:
+        notes.append(
+            f"{len(labels.output_categories)} classes do not fit a uint8 PNG: "
+            "no semantic/ folder (eval derives semantics from the panoptic output)"
+        )
+    arrays = [*predictor.head_cfg.clip_levels, "clip_mask_embed"]
+    failed = no_embed = 0
+    bar = tqdm(
+        total=len(reader),
+        desc="predict",
+        unit="img",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        rows = reader.iter_images(include_failed=True, arrays=arrays)
+        for batch in _batches(rows, batch_size):
+            ok = [r for r in batch if r.status == STATUS_OK]
+            samples = [predictor.sample(r) for r in ok]
+            no_embed += sum(s.patch_clip_embed is None for s in samples)
+            done = {p.image_id: p for p in predictor.predict(samples)}
+            for r in batch:
+                if r.status != STATUS_OK:
+                    failed += 1
+                    writer.add(ImageOutput.empty(r.image_id, r.height, r.width, len(labels)))
+                else:
+                    writer.add(done[r.image_id])
+                bar.update(1)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    if failed:
+        notes.append(f"{failed} images failed in precompute and are predicted all void")
+    if no_embed:
+        notes.append(
+            f"{no_embed} images have no clip_mask_embed in the cache: no CLIP fusion for them"
+        )
+    info = {
+        "run": str(Path(run_dir)),
+        "cache": str(Path(cache)),
+        "vocabulary": None if vocabulary is None else str(getattr(vocabulary, "name", vocabulary)),
+        "kappa": predictor.head_cfg.kappa,
+        "thing_stuff_source": labels.source,
+        "panoptic": {
+            "score_thresh": params.score_thresh,
+            "overlap_thresh": params.overlap_thresh,
+            "stuff_area_min": params.stuff_area_min,
+        },
+        "num_images": len(writer.images),
+        "num_failed": failed,
+        "notes": notes,
+    }
+    try:
+        return writer.finish(info)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def prediction_notes(pred_dir: str | Path) -> list[str]:
+    """The notes `predict_run` recorded in a prediction folder."""
+    path = Path(pred_dir) / INFO_FILE
+    if not path.is_file():
+        return []
+    return list(_read_json(path, INFO_FILE).get("notes", []))
+
+
+# ----------------------------------------------------------------------------------------------
+# Visualisation.
+# ----------------------------------------------------------------------------------------------
+
+
+def render_prediction(
+    pred_dir: str | Path, image_id: str | int, image: np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
+    """The panoptic prediction of one image drawn over it, segments coloured by class.
+
+    Args:
+        pred_dir: a prediction folder.
+        image_id: the image's id (compared as a string).
+        image: (H, W, 3) uint8 RGB pixels of that image.
+        alpha: fill opacity.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    from samcp.pipeline.evaluation.formats import load_predictions, read_panoptic_png
+
+    pred = load_predictions(Path(pred_dir))
+    ann = pred.annotations.get(str(image_id))
+    if ann is None:
+        raise SamcpError(f"image {image_id} has no prediction in {pred_dir}")
+    ids = read_panoptic_png(pred.png_dir / ann["file_name"])
+    image = np.asarray(image)
+    if image.shape[:2] != ids.shape:
+        raise SamcpError(
+            f"image is {image.shape[1]}x{image.shape[0]} but its prediction is "
+            f"{ids.shape[1]}x{ids.shape[0]}"
+        )
+    cats = _read_json(pred.root / "panoptic.json", "panoptic.json").get("categories") or []
+    cat_index = {int(c["id"]): i for i, c in enumerate(cats)}
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
+    segs = [s for s in ann["segments_info"] if (ids == int(s["id"])).any()]
+    masks = (
+        np.stack([ids == int(s["id"]) for s in segs]) if segs else np.zeros((0, *ids.shape), bool)
+    )
+    labels = [names.get(int(s["category_id"]), str(s["category_id"])) for s in segs]
+    try:
+        from samcp.pipeline.viz import mask_colors, render_overlay
+    except ImportError:  # pragma: no cover - viz is part of the package; plain blend otherwise
+        return _plain_overlay(image, masks, alpha)
+    palette = mask_colors(max(len(cats), 1))
+    colors = []
+    for s in segs:
+        i = cat_index.get(int(s["category_id"]))
+        color = cats[i].get("color") if i is not None else None
+        colors.append(color or palette[(i or 0) % len(palette)])
+    colors = np.asarray(colors, np.uint8).reshape(len(segs), 3)
+    return render_overlay(image, masks, alpha=alpha, outline=True, colors=colors, labels=labels)
+
+
+def _plain_overlay(image: np.ndarray, masks: np.ndarray, alpha: float) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    rng = np.random.default_rng(0)
+    for m in masks:
+        out[m] = (1 - alpha) * out[m] + alpha * rng.integers(0, 256, 3)
+    return out.astype(np.uint8)
+
+
+__all__ = [
+    "ImageOutput",
+    "LabelSpace",
+    "PanopticParams",
+    "PredictionWriter",
+    "Predictor",
+    "compose_panoptic",
+    "gt_file_stems",
+    "predict_run",
+    "prediction_notes",
+    "render_prediction",
+    "semantic_label_map",
+    "union_rle",
+    "vocabulary_label_space",
+    "vocabulary_text_embed",
+]
