@@ -300,16 +300,23 @@ def test_ray_worker_killed_mid_run_is_restarted(dataset, tmp_path):
     assert_same_cache(tmp_path / "ref", out)
 
 
-def test_sam_embeddings_come_from_the_same_encoder_pass(dataset, sam_ckpt, tmp_path):
+def test_sam_embeddings_come_from_the_same_encoder_pass(dataset, sam_ckpt, tmp_path, monkeypatch):
     from segment_anything import SamPredictor
 
     from samcp.pipeline.datasets import load_image_rgb, open_image_source
+    from samcp.pipeline.proposals import sam_encoder
 
     cfg = _cfg(dataset, tmp_path / "c", sam_ckpt, store_sam_embeddings=True)
     processor = pre.ImageProcessor(cfg, "cpu")
     model = processor.proposals.sam_model
     passes = []
-    model.image_encoder.patch_embed.register_forward_hook(lambda *a: passes.append(1))
+    real_encode = sam_encoder.encode_image
+
+    def counting_encode(*args, **kwargs):
+        passes.append(1)
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(sam_encoder, "encode_image", counting_encode)
     recs = open_image_source(dataset, "val2017")[:2]
     rows = [processor(r) for r in recs]
     assert len(passes) == 2  # one encoder pass per image, proposals and embedding together

@@ -37,6 +37,7 @@ class AffinityConfig:
     embed_dim: int = 256  # width of patch features and queries
     roi_size: int = 7  # RoIAlign output side; patch mask crops must have this side too
     roi_sampling_ratio: int = 2  # torchvision.ops.roi_align sampling_ratio
+    project_after_roi: bool = True  # project RoI cells (Linear+LN) instead of the maps (1x1+GN)
     roi_mlp_hidden: int = 1024  # hidden width of the MaskRoI -> feature MLP
     num_encoder_layers: int = 6  # omega: self-attention layers over the patches of an image
     num_heads: int = 8  # eta: attention heads, also the per-head maps mixed in Algorithm 1

@@ -183,10 +183,17 @@ class PatchEncoder(nn.Module):
         super().__init__()
         d = config.embed_dim
         self.config = config
-        self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(math.gcd(32, d), d))
-            for c in config.clip_channels
-        )
+        if config.project_after_roi:
+            # Per-RoI-cell projection: RoIAlign then runs on the frozen cached maps, which need no
+            # gradient, so training skips RoIAlign's (slow, scatter-add) backward entirely.
+            self.input_proj = nn.ModuleList(
+                nn.Sequential(nn.Linear(c, d), nn.LayerNorm(d)) for c in config.clip_channels
+            )
+        else:
+            self.input_proj = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(math.gcd(32, d), d))
+                for c in config.clip_channels
+            )
         self.roi_mlp = MLP(d * config.roi_size**2, config.roi_mlp_hidden, d, 2)
         self.roi_norm = nn.LayerNorm(d)
         self.pos_head = MLP(2 * d, d, d, 2)
@@ -196,7 +203,10 @@ class PatchEncoder(nn.Module):
         )
 
     def project(self, clip_feats: Sequence[Tensor]) -> list[Tensor]:
-        """Project each dense level to embed_dim channels."""
+        """Project each dense level to embed_dim channels (deferred to the RoIs when
+        ``project_after_roi``: then the maps are returned as they are)."""
+        if self.config.project_after_roi:
+            return list(clip_feats)
         return [proj(f) for proj, f in zip(self.input_proj, clip_feats)]
 
     def roi_features(
@@ -208,8 +218,8 @@ class PatchEncoder(nn.Module):
         """
         r = self.config.roi_size
         feats = 0
-        for f, stride in zip(proj_feats, self.config.clip_strides):
-            feats = feats + roi_align(
+        for level, (f, stride) in enumerate(zip(proj_feats, self.config.clip_strides)):
+            roi = roi_align(
                 f,
                 rois,
                 output_size=r,
@@ -217,6 +227,9 @@ class PatchEncoder(nn.Module):
                 sampling_ratio=self.config.roi_sampling_ratio,
                 aligned=True,
             )
+            if self.config.project_after_roi:  # (N, C, R, R) -> (N, d, R, R)
+                roi = self.input_proj[level](roi.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            feats = feats + roi
         if masks is not None:
             feats = feats * masks.unsqueeze(1).to(feats.dtype)
         return self.roi_norm(self.roi_mlp(feats.flatten(1)))

@@ -9,7 +9,10 @@ filters and the same NMS. What it does not do:
 * hold every full-resolution logit map at once: masks are upsampled, scored, boxed and RLE-encoded
   in chunks, on the model's device, and only compressed RLEs leave the device;
 * run SAM's per-mask Python RLE loop and MaskData's deep copies: pycocotools encodes a whole chunk
-  in one C call.
+  in one C call;
+* stream (heads x 4096 x 4096) attention scores through memory in the image encoder's global
+  blocks (``sam_encoder``: same operations, tiled) or run the decoder's image-token projections once
+  per prompt (``sam_decoder``: the same maths restructured).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torchvision.ops import batched_nms
 
 from samcp.pipeline.proposals.base import Proposals, encode_masks_wh
 from samcp.pipeline.proposals.sam_decoder import decode_points
+from samcp.pipeline.proposals.sam_encoder import set_image_fast
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class SamEverythingGenerator:
         """Proposals for one HxWx3 uint8 RGB image (and SAM's image embedding if asked)."""
         p = self.params
         h, w = image.shape[:2]
-        self.predictor.set_image(image)
+        set_image_fast(self.predictor, image)
         features = self.predictor.features
         input_size = self.predictor.input_size
         thr = self.model.mask_threshold

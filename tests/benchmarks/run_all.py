@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHES = ["bench_sam_decoder.py", "bench_precompute.py", "bench_eval.py"]
+BENCHES = [
+    "bench_sam_decoder.py",
+    "bench_sam_encoder.py",
+    "bench_precompute.py",
+    "bench_clip.py",
+    "bench_eval.py",
+    "bench_train.py",
+]
 
 if __name__ == "__main__":
     failed = []
