@@ -58,6 +58,11 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
     with Image.open(path) as im:
         # load() forces decoding here, so a truncated file fails now rather than later.
         im.load()
+        if im.mode.startswith("I;16") or im.mode == "I":
+            # 16-bit greyscale: Pillow's convert("RGB") clips values above 255 to white, so
+            # rescale 0..65535 to 0..255 first.
+            grey = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+            return np.repeat(((grey + 128) // 257).astype(np.uint8)[..., None], 3, axis=-1)
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
@@ -128,8 +133,9 @@ class CocoPanopticDataset:
             doc = json.loads(self.json_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SamcpError(f"{self.json_path} is not valid JSON ({exc}); re-download it") from exc
-        missing = [k for k in ("images", "annotations", "categories") if k not in doc]
-        if not isinstance(doc, dict) or missing:
+        keys = ("images", "annotations", "categories")
+        missing = [k for k in keys if k not in doc] if isinstance(doc, dict) else list(keys)
+        if missing:
             raise SamcpError(
                 f"{self.json_path} is not a COCO panoptic file (missing {missing}); "
                 "pass a panoptic_*.json, not an instances_*.json"

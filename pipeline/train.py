@@ -250,8 +250,20 @@ class CacheSampler:
             step += 1
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
-    """Trains a head; returns a summary. ``stop_after`` ends early (tests of resume)."""
+def run_training(
+    cfg: TrainConfig,
+    resume: bool = False,
+    stop_after: int | None = None,
+    sampler_cls: type[CacheSampler] | None = None,
+) -> dict:
+    """Trains a head; returns a summary.
+
+    Args:
+        cfg: the run.
+        resume: continue from the run folder's latest checkpoint.
+        stop_after: end after this step (interrupted-run tests).
+        sampler_cls: a CacheSampler subclass (benchmarks swap how samples are made).
+    """
     from samcp.models.registry import build_head, save_head
     from samcp.pipeline.datasets import CocoPanopticDataset
 
@@ -276,7 +288,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None 
     start = 0
     if resume:
         start = _load_latest(out, model, opt, sched)
-    sampler = CacheSampler(reader, dataset, classes, head_cfg, cfg)
+    sampler = (sampler_cls or CacheSampler)(reader, dataset, classes, head_cfg, cfg)
     logger = _MetricLogger(out, enabled_tb=True)
     from tqdm.auto import tqdm
 
