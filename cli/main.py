@@ -15,6 +15,8 @@ _COMMAND_MODULES = [
     "eval",
     "precompute",
     "demo",
+    "train",
+    "predict",
 ]
 
 
