@@ -17,6 +17,8 @@ _COMMAND_MODULES = [
     "demo",
     "train",
     "predict",
+    "inspect",
+    "viz",
 ]
 
 

@@ -1,0 +1,89 @@
+"""`samcp viz`: an image with its cached proposals drawn over it, or a grid of several."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("viz")
+@click.argument("cache", type=str)
+@click.argument("image_id", required=False)
+@click.option("--out", "-o", required=True, help="PNG file to write.")
+@click.option(
+    "--image-root",
+    default=None,
+    help="Where the images are, instead of the dataset recorded in the cache: a dataset root, "
+    "a .jsonl manifest, or a plain folder of image files.",
+)
+@click.option(
+    "--max-masks",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Draw only the first N proposals of an image (cache order; for SAM best first).",
+)
+@click.option(
+    "--alpha",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Opacity of the mask colours.",
+)
+@click.option("--no-outline", is_flag=True, help="Do not draw mask boundaries.")
+@click.option("--grid", is_flag=True, help="Tile several images (IMAGE_ID not given).")
+@click.option(
+    "--num",
+    default=9,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images in the grid (the first N that were processed successfully).",
+)
+@click.option(
+    "--tile",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=16),
+    help="Grid cell size in pixels.",
+)
+def command(cache, image_id, out, image_root, max_masks, alpha, no_outline, grid, num, tile):
+    """Draw the proposals of IMAGE_ID in CACHE over the image, as one coloured overlay with
+    outlines (larger masks first, so small ones stay visible), and write it to --out.
+
+    With --grid, draw the first --num images tiled, each with its id written on it.
+    """
+    from samcp.pipeline.errors import SamcpError
+    from samcp.pipeline.viz import render_cached_image, render_grid, write_png
+
+    if grid and image_id is not None:
+        raise SamcpError("give either IMAGE_ID or --grid, not both")
+    if not grid and image_id is None:
+        raise SamcpError("give an IMAGE_ID to draw, or --grid for several images")
+    if grid:
+        result = render_grid(
+            cache,
+            num=num,
+            image_root=image_root,
+            max_masks=max_masks,
+            alpha=alpha,
+            outline=not no_outline,
+            tile=tile,
+        )
+    else:
+        result = render_cached_image(
+            cache,
+            image_id,
+            image_root=image_root,
+            max_masks=max_masks,
+            alpha=alpha,
+            outline=not no_outline,
+        )
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    path = write_png(result.image, out)
+    h, w = result.image.shape[:2]
+    shown = (
+        f"{result.num_masks} masks"
+        if result.num_masks == result.total_masks
+        else f"{result.num_masks} of {result.total_masks} masks (--max-masks)"
+    )
+    click.echo(f"wrote {path} ({w}x{h}): {len(result.image_ids)} image(s), {shown}")

@@ -1,0 +1,359 @@
+"""`samcp viz`: draw cached proposals (and, later, predictions) over their images.
+
+:func:`render_overlay` is the one drawing routine: masks become a single coloured layer blended over
+the image, with each mask's boundary as an outline. Larger masks are drawn first so that small ones
+stay visible on top; colours are a deterministic function of the mask index (or given per mask, with
+optional text labels, for prediction views that colour by class).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from samcp.pipeline.cache import STATUS_OK, CachedImage, CacheReader
+from samcp.pipeline.datasets import load_image_rgb, open_image_source
+from samcp.pipeline.errors import SamcpError
+
+CANVAS_GREY = 128  # the background used when an image file cannot be found
+_GOLDEN = 0.618033988749895
+
+
+def mask_colors(n: int) -> np.ndarray:
+    """(n, 3) uint8 distinct, saturated colours; colour i depends on i only (golden-ratio hues)."""
+    out = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        h = (0.13 + i * _GOLDEN) % 1.0
+        s = 0.85 - 0.25 * ((i // 7) % 2)  # alternate saturation/value so neighbours in hue differ
+        v = 0.95 - 0.2 * ((i // 3) % 2)
+        out[i] = np.round(np.array(colorsys.hsv_to_rgb(h, s, v)) * 255)
+    return out
+
+
+def paint_order(masks: np.ndarray) -> np.ndarray:
+    """Mask indices in drawing order: largest area first, ties by index (so small masks end on top)."""
+    areas = masks.reshape(len(masks), -1).sum(1) if len(masks) else np.zeros(0, np.int64)
+    return np.lexsort((np.arange(len(masks)), -areas))
+
+
+def render_overlay(
+    image: np.ndarray,
+    masks: np.ndarray,
+    alpha: float = 0.5,
+    outline: bool = True,
+    colors: np.ndarray | None = None,
+    labels: list[str] | None = None,
+) -> np.ndarray:
+    """Draws masks over an image as one coloured overlay with outlines.
+
+    Masks are painted largest first; where masks overlap, the pixel takes the colour of the last
+    (topmost, i.e. smallest) one. The overlay is blended once: an overlaid pixel is
+    ``(1 - alpha) * image + alpha * colour``; pixels outside every mask keep the image's value.
+
+    Args:
+        image: (H, W, 3) uint8 RGB image (a (H, W) grey image is broadcast to RGB).
+        masks: (M, H, W) bool masks.
+        alpha: opacity of the fill, 0 (invisible) to 1 (opaque).
+        outline: draw each mask's boundary (inner boundary pixels) in its colour, fully opaque.
+        colors: (M, 3) uint8 colour per mask (e.g. per class for predictions); default
+            :func:`mask_colors` by mask index.
+        labels: optional text per mask, written at the mask's most interior point.
+
+    Returns:
+        (H, W, 3) uint8 RGB image.
+    """
+    from skimage.segmentation import find_boundaries
+
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got {image.shape}")
+    masks = np.asarray(masks, bool)
+    h, w = image.shape[:2]
+    if masks.ndim != 3 or masks.shape[1:] != (h, w):
+        raise ValueError(f"masks must be (M, {h}, {w}), got {masks.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    m = len(masks)
+    colors = mask_colors(m) if colors is None else np.asarray(colors, np.uint8).reshape(m, 3)
+    if labels is not None and len(labels) != m:
+        raise ValueError(f"{len(labels)} labels for {m} masks")
+
+    top = np.full((h, w), -1, np.int64)  # index of the topmost mask at each pixel
+    edge = np.full((h, w), -1, np.int64)  # index of the mask whose outline is visible there
+    for i in paint_order(masks):
+        mk = masks[i]
+        if not mk.any():
+            continue
+        top[mk] = i
+        if outline:
+            # Work on the mask's box (plus a pixel) so cost scales with the mask, not the image.
+            ys, xs = np.nonzero(mk.any(1))[0], np.nonzero(mk.any(0))[0]
+            y0, y1 = max(ys[0] - 1, 0), min(ys[-1] + 2, h)
+            x0, x1 = max(xs[0] - 1, 0), min(xs[-1] + 2, w)
+            crop = mk[y0:y1, x0:x1]
+            b = find_boundaries(crop, mode="inner") & crop
+            sub = edge[y0:y1, x0:x1]
+            sub[crop] = -1  # this mask hides the outlines of masks below it
+            sub[b] = i
+
+    out = image.astype(np.float64)
+    fill = top >= 0
+    out[fill] = (1.0 - alpha) * out[fill] + alpha * colors[top[fill]].astype(np.float64)
+    lines = edge >= 0
+    out[lines] = colors[edge[lines]]
+    out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    if labels is not None:
+        out = _draw_labels(out, masks, labels, colors)
+    return out
+
+
+def _draw_labels(
+    image: np.ndarray, masks: np.ndarray, labels: list[str], colors: np.ndarray
+) -> np.ndarray:
+    from scipy.ndimage import distance_transform_edt
+
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.load_default()
+    for i, text in enumerate(labels):
+        if not text or not masks[i].any():
+            continue
+        # The most interior point of the mask: the label sits on the mask even for non-convex ones.
+        dist = distance_transform_edt(np.pad(masks[i], 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+        box = draw.textbbox((int(x), int(y)), text, font=font, anchor="mm")
+        draw.rectangle(box, fill=tuple(int(c) // 3 for c in colors[i]))
+        draw.text((int(x), int(y)), text, fill=(255, 255, 255), font=font, anchor="mm")
+    return np.asarray(pil)
+
+
+@dataclass
+class VizResult:
+    """A rendered picture and what the user should know about it."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    image_ids: list[str]
+    num_masks: int  # masks drawn
+    total_masks: int  # masks in the cache for these images (more than drawn with max_masks)
+    warnings: list[str] = field(default_factory=list)
+
+
+def find_image(
+    reader: CacheReader, row: CachedImage, image_root: str | Path | None = None
+) -> tuple[np.ndarray | None, str]:
+    """Loads the pixels of a cached image.
+
+    The image is looked up in the cache's ``dataset_source`` (a COCO-layout root and split, or a
+    JSONL manifest). ``image_root`` overrides that: another dataset root or manifest (same split),
+    or a plain folder holding the file under its original name, its id, or COCO's 12-digit name.
+
+    Returns:
+        ``(pixels, "")``, or ``(None, what was tried)`` when no matching file was found.
+    """
+    src = reader.attrs.get("dataset_source") or {}
+    split = src.get("split") or "val2017"
+    tried: list[str] = []
+    original = _lookup(src["path"], split, row.image_id, tried) if src.get("path") else None
+    candidates: list[Path] = []
+    if image_root is None:
+        if original is not None:
+            candidates.append(Path(original))
+    else:
+        root = Path(image_root)
+        if root.suffix == ".jsonl" or (root / "annotations").is_dir():
+            found = _lookup(str(root), split, row.image_id, tried)
+            if found is not None:
+                candidates.append(Path(found))
+        elif root.is_dir():
+            if original is not None:
+                candidates.append(root / Path(original).name)
+            stems = [row.image_id]
+            if row.image_id.isdigit():
+                stems.append(f"{int(row.image_id):012d}")
+            candidates += [p for stem in stems for p in sorted(root.glob(f"{stem}.*"))]
+            if not candidates:
+                tried.append(f"no file for image {row.image_id} in {root}")
+        else:
+            tried.append(f"{root} does not exist")
+    for path in candidates:
+        try:
+            pixels = load_image_rgb(path)
+        except OSError as exc:
+            tried.append(f"{path}: {type(exc).__name__}")
+            continue
+        if pixels.shape[:2] != (row.height, row.width):
+            tried.append(
+                f"{path} is {pixels.shape[1]}x{pixels.shape[0]} but the cache says "
+                f"{row.width}x{row.height}"
+            )
+            continue
+        return pixels, ""
+    if not tried:
+        tried.append("the cache records no dataset_source")
+    return None, "; ".join(tried)
+
+
+def _lookup(path: str, split: str, image_id: str, tried: list[str]) -> str | None:
+    """The file name of ``image_id`` in a dataset source, or None (saying why in ``tried``)."""
+    try:
+        index = _file_names(str(path), split)
+    except (SamcpError, OSError, ValueError) as exc:
+        tried.append(str(exc))
+        return None
+    if image_id not in index:
+        tried.append(f"{path} [{split}] does not list image {image_id}")
+        return None
+    return index[image_id]
+
+
+@functools.lru_cache(maxsize=4)
+def _file_names(path: str, split: str) -> dict[str, str]:
+    # Parsed once per process: a grid of images from COCO train would otherwise re-read its JSON.
+    return {r.image_id: r.file_name for r in open_image_source(path, split)}
+
+
+def render_cached_image(
+    cache: str | Path,
+    image_id: str,
+    image_root: str | Path | None = None,
+    max_masks: int | None = 200,
+    alpha: float = 0.5,
+    outline: bool = True,
+    reader: CacheReader | None = None,
+) -> VizResult:
+    """Renders one cached image with its proposals.
+
+    Args:
+        cache: the cache location.
+        image_id: the image's id as stored (COCO ids as decimal strings).
+        image_root: where to find the image instead of the cache's ``dataset_source``.
+        max_masks: draw only the first N proposals in cache order (for SAM: best predicted IoU
+            first); None draws all.
+        alpha: fill opacity.
+        outline: draw mask boundaries.
+        reader: an open reader of ``cache`` (saves re-opening it when rendering many images).
+
+    Raises:
+        SamcpError: the cache cannot be read or has no such image (with nearby ids as a hint).
+    """
+    reader = reader or CacheReader(cache)
+    try:
+        row = reader.get(str(image_id))
+    except SamcpError:
+        raise SamcpError(
+            f"image id {image_id!r} is not in cache {reader.path} ({_id_hint(reader)}); "
+            "`samcp inspect` lists what is there"
+        ) from None
+    warnings: list[str] = []
+    pixels, why = find_image(reader, row, image_root)
+    if pixels is None:
+        warnings.append(
+            f"image {row.image_id} not found ({why}); drawing on a grey canvas "
+            "(pass --image-root DIR to say where the images are)"
+        )
+        pixels = np.full((row.height, row.width, 3), CANVAS_GREY, np.uint8)
+    if row.status != STATUS_OK:
+        warnings.append(f"image {row.image_id} failed in precompute ({row.error}); no proposals")
+    props = row.proposals
+    n = len(props) if max_masks is None else min(len(props), max_masks)
+    masks = props.decode()[:n] if n else np.zeros((0, row.height, row.width), bool)
+    return VizResult(
+        render_overlay(pixels, masks, alpha, outline), [row.image_id], n, len(props), warnings
+    )
+
+
+def render_grid(
+    cache: str | Path,
+    num: int = 9,
+    image_ids: list[str] | None = None,
+    image_root: str | Path | None = None,
+    max_masks: int | None = 200,
+    alpha: float = 0.5,
+    outline: bool = True,
+    tile: int = 256,
+) -> VizResult:
+    """Several cached images with their proposals, tiled with their ids written on them.
+
+    Args:
+        cache: the cache location.
+        num: how many images (the first ``num`` ok images in cache order) when ``image_ids`` is None.
+        image_ids: these images instead.
+        tile: each picture is scaled to fit a ``tile`` x ``tile`` cell.
+        image_root, max_masks, alpha, outline: as for :func:`render_cached_image`.
+    """
+    reader = CacheReader(cache)
+    if image_ids is None:
+        image_ids = []
+        for row in reader.iter_images(prefetch=0):
+            image_ids.append(row.image_id)
+            if len(image_ids) >= num:
+                break
+    if not image_ids:
+        raise SamcpError(f"cache {reader.path} has no successfully processed images to draw")
+    pictures, warnings, drawn, total = [], [], 0, 0
+    for iid in image_ids:
+        r = render_cached_image(cache, iid, image_root, max_masks, alpha, outline, reader=reader)
+        pictures.append(r.image)
+        warnings += r.warnings
+        drawn += r.num_masks
+        total += r.total_masks
+    return VizResult(
+        tile_images(pictures, image_ids, tile), list(image_ids), drawn, total, warnings
+    )
+
+
+def tile_images(images: list[np.ndarray], captions: list[str], tile: int = 256) -> np.ndarray:
+    """Tiles pictures in a near-square grid of ``tile`` px cells, each captioned top-left."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    pad = 4
+    sheet = Image.new("RGB", (cols * (tile + pad) + pad, rows * (tile + pad) + pad), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for k, (img, cap) in enumerate(zip(images, captions)):
+        pil = Image.fromarray(img)
+        scale = min(tile / pil.width, tile / pil.height)
+        size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+        pil = pil.resize(
+            size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR
+        )
+        x = pad + (k % cols) * (tile + pad) + (tile - size[0]) // 2
+        y = pad + (k // cols) * (tile + pad) + (tile - size[1]) // 2
+        sheet.paste(pil, (x, y))
+        box = draw.textbbox((x + 3, y + 3), cap, font=font)
+        draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
+        draw.text((x + 3, y + 3), cap, fill=(255, 255, 255), font=font)
+    return np.asarray(sheet)
+
+
+def write_png(image: np.ndarray, path: str | Path) -> Path:
+    """Writes an RGB PNG atomically (a temporary file renamed into place), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _id_hint(reader: CacheReader, n: int = 5) -> str:
+    ids: list[str] = []
+    for sid in reader.shard_ids:
+        ids += [str(i) for i in reader.root["shards"][sid]["image_id"][...]]
+        if len(ids) >= n:
+            break
+    if not ids:
+        return "it has no complete shards"
+    return f"{len(reader)} images, e.g. {', '.join(ids[:n])}"
