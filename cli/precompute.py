@@ -140,6 +140,9 @@ def _clip_config(checkpoint, model, levels, input_size, no_dense):
 )
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: local Ray).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out first.")
+@click.option(
+    "--redo-failed", is_flag=True, help="Also redo complete shards that hold failed rows."
+)
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N images.")
 @click.option(
     "--clip-checkpoint",
@@ -196,6 +199,7 @@ def command(
     gpus_per_worker,
     ray_address,
     overwrite,
+    redo_failed,
     limit,
     clip_checkpoint,
     clip_model,
@@ -239,6 +243,7 @@ def command(
         limit=limit,
         progress=not no_progress,
         store_sam_embeddings=store_sam_embeddings,
+        redo_failed=redo_failed,
         clip=_clip_config(clip_checkpoint, clip_model, clip_levels, clip_input_size, no_clip_dense),
     )
     summary = run_precompute(cfg)

@@ -178,6 +178,12 @@ def incomplete_shards(root) -> list[str]:
     return sorted(k for k, g in root["shards"].groups() if g.attrs.get("complete") is not True)
 
 
+def shards_with_failed_rows(path: str | Path, shard_ids) -> list[str]:
+    """The given complete shards that hold at least one failed row."""
+    root = _open_root(path)
+    return sorted(s for s in shard_ids if (root["shards"][s]["status"][...] != STATUS_OK).any())
+
+
 def write_shard(path: str | Path, shard_id: str, rows: list[ImageResult]) -> int:
     """Writes one shard from scratch and marks it complete last. Returns the number of masks.
 

@@ -43,6 +43,7 @@ class PrecomputeConfig:
     store_sam_embeddings: also store SAM's image embedding (``sam_embed``), from the same encoder
         pass as the proposals (SAM proposals only).
     clip: frozen-CLIP features to store (dense maps and mask-pooled embeddings), or None.
+    redo_failed: also redo complete shards that hold failed rows (e.g. after fixing files).
     """
 
     source: str
@@ -57,6 +58,7 @@ class PrecomputeConfig:
     limit: int | None = None
     progress: bool = True
     store_sam_embeddings: bool = False
+    redo_failed: bool = False
     clip: Any = (
         None  # samcp.pipeline.clip.ClipConfig; typed loosely so CLIP stays an optional import
     )
@@ -223,6 +225,8 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
 
         load_sam(cfg.proposals.sam_model, cfg.proposals.sam_checkpoint, "cpu")
     done = cache_io.init_cache(cfg.out, attrs, overwrite=cfg.overwrite)
+    if cfg.redo_failed and done:
+        done -= set(cache_io.shards_with_failed_rows(cfg.out, done))
     return shards, done, attrs
 
 
@@ -320,6 +324,12 @@ def _run_ray(cfg: PrecomputeConfig, todo, bar) -> tuple[list[ShardSummary], list
         else:
             n = max(1, cfg.num_workers)
             opts = {"num_cpus": 1}
+            if cfg.ray_address:
+                # On a cluster this usually means the GPU workers have not joined yet.
+                bar.write(
+                    f"warning: the Ray cluster has {gpus:g} GPUs (< --gpus-per-worker "
+                    f"{cfg.gpus_per_worker:g}); running {n} CPU worker(s)"
+                )
         n = min(n, max(len(todo), 1))
         worker_cls = ray.remote(max_restarts=3, max_task_retries=3)(ShardWorker)
         workers = [worker_cls.options(**opts).remote(cfg) for _ in range(n)]

@@ -131,6 +131,13 @@ def test_corrupt_and_missing_images_become_failed_rows(dataset, tmp_path):
     assert any("No such file" in e or "FileNotFound" in e for e in failed.values())
     ok = [r for r in rows if r.status == 0]
     assert len(ok) == 5 and all(len(r.proposals) > 0 for r in ok)
+    # Fixed files: a plain re-run skips the complete shards, --redo-failed redoes their shards.
+    shutil.copytree(dataset / "val2017", data / "val2017", dirs_exist_ok=True)
+    assert pre.run_precompute(_cfg(data, tmp_path / "c")).shards_done == 0
+    again = pre.run_precompute(_cfg(data, tmp_path / "c", redo_failed=True))
+    assert again.shards_done == 2 and again.num_failed_images == 0
+    rows = list(CacheReader(tmp_path / "c").iter_images(include_failed=True))
+    assert len(rows) == 7 and all(r.status == 0 for r in rows)
 
 
 def _run_cli(args: list[str], capsys) -> tuple[int, str]:
