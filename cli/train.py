@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def command(
         cache=cache, dataset=dataset, out=str(out), progress=not no_progress, **values
     )
     summary = run_training(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     click.echo(f"run: {summary['run']}")
     click.echo(f"steps: {summary['steps_done']} ({summary['images_per_s']:.1f} images/s)")
     if summary["last"]:

@@ -13,6 +13,10 @@ the CLIP text tower once (cached on disk). A run folder holds everything:
 
 Data order is a pure function of (seed, epoch), so ``--resume`` continues exactly where the last
 checkpoint stopped and reaches the weights of an uninterrupted run.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the head is wrapped in DistributedDataParallel: every rank walks
+the same epoch order and takes its own ``batch_size`` slice of each global batch of
+``batch_size * world_size`` images; rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -190,7 +194,15 @@ class CacheSampler:
 
     Shards are visited in a seeded random order and rows shuffled within their shard, so reads
     stay sequential per shard while batches mix images.
+
+    ``rank`` / ``world_size`` (set by run_training under DDP): a step's global batch is
+    ``batch_size * world_size`` consecutive images of the epoch order and this process yields the
+    ``rank``-th ``batch_size`` chunk of it (flips drawn for the global batch, so they follow the
+    image's position, not the rank).
     """
+
+    rank: int = 0
+    world_size: int = 1
 
     def __init__(
         self, reader: CacheReader, dataset, classes: ClassSpace, head_cfg, cfg: TrainConfig
@@ -233,13 +245,19 @@ class CacheSampler:
     def batches(self, start_step: int) -> Iterator[tuple[int, list[HeadSample]]]:
         """(step, samples) from ``start_step`` on, forever; deterministic in (seed, step)."""
         bs = self.cfg.batch_size
-        per_epoch = max(1, self.num_images // bs)
+        gbs = bs * self.world_size
+        per_epoch = max(1, self.num_images // gbs)
         step = start_step
         while True:
             epoch, pos = divmod(step, per_epoch)
             order = self.epoch_order(epoch)
-            keys = order[pos * bs : (pos + 1) * bs]
+            keys = order[pos * gbs : (pos + 1) * gbs]
             flips = np.random.default_rng([self.cfg.seed, epoch, pos, 1]).random(len(keys)) < 0.5
+            if self.world_size > 1:
+                # An epoch shorter than the global batch wraps around so that every rank gets
+                # images (tiny sets); with enough images this is a plain slice.
+                keys = [keys[(self.rank * bs + j) % len(keys)] for j in range(bs)]
+                flips = flips[[(self.rank * bs + j) % len(flips) for j in range(bs)]]
             out = []
             for key, flip in zip(keys, flips, strict=True):
                 s = self.sample(key)
@@ -264,20 +282,34 @@ def run_training(
         stop_after: end after this step (interrupted-run tests).
         sampler_cls: a CacheSampler subclass (benchmarks swap how samples are made).
     """
+    dist, device = _setup_distributed(cfg)
+    try:
+        return _train(cfg, resume, stop_after, sampler_cls, dist, device)
+    finally:
+        dist.close()
+
+
+def _train(cfg, resume, stop_after, sampler_cls, dist: _Dist, device: torch.device) -> dict:
     from samcp.models.registry import build_head, save_head
     from samcp.pipeline.datasets import CocoPanopticDataset
 
-    device = resolve_device(cfg.device)
     out = Path(cfg.out)
     reader = CacheReader(cfg.cache)
     dataset = CocoPanopticDataset(Path(cfg.dataset), cfg.split)
     classes = ClassSpace(dataset.categories)
     head_cfg = head_config_for_cache(cfg, reader.attrs)
-    _check_run_folder(out, cfg, head_cfg, resume)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_run_folder(out, cfg, head_cfg, resume, dist.world)  # every rank, before any write
+    dist.barrier()
 
-    text = class_text_embeddings(classes, reader.attrs, cfg.clip_checkpoint, cfg.templates, device)
-    _write_run_files(out, cfg, head_cfg, classes, text)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        text = class_text_embeddings(
+            classes, reader.attrs, cfg.clip_checkpoint, cfg.templates, device
+        )
+        _write_run_files(out, cfg, head_cfg, classes, text, dist.world)
+    else:  # CLIP runs on rank 0 only; the others receive its embeddings
+        text = torch.empty(len(classes), reader.attrs["clip"]["embed_dim"], device=device)
+    dist.broadcast(text)
 
     torch.manual_seed(cfg.seed)
     model = build_head(cfg.head, head_cfg).to(device)
@@ -287,9 +319,15 @@ def run_training(
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     start = 0
     if resume:
-        start = _load_latest(out, model, opt, sched)
+        start = _load_latest(out, model, opt, sched)  # every rank loads the same checkpoint
+    net = model  # what runs forward/backward; `model` stays the plain head (saved, returned)
+    if dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     sampler = (sampler_cls or CacheSampler)(reader, dataset, classes, head_cfg, cfg)
-    logger = _MetricLogger(out, enabled_tb=True)
+    sampler.rank, sampler.world_size = dist.rank, dist.world
+    logger = _MetricLogger(out, enabled_tb=True) if dist.main else None
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -298,7 +336,7 @@ def run_training(
         unit="step",
         desc="train",
         file=sys.stderr,
-        disable=not cfg.progress,
+        disable=not cfg.progress or not dist.main,
         dynamic_ncols=True,
     )
     t0 = time.perf_counter()
@@ -309,7 +347,7 @@ def run_training(
         if step >= cfg.steps or (stop_after is not None and step >= stop_after):
             break
         batch = collate(samples, text, device)
-        outputs = model(**batch)
+        outputs = net(**batch)
         losses = criterion(outputs, [s.targets.to(device) for s in samples])
         loss = losses["loss"]
         if not torch.isfinite(loss):
@@ -320,22 +358,30 @@ def run_training(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         opt.step()
         sched.step()
-        images += len(samples)
+        images += len(samples) * dist.world
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            last = {k: float(v.detach()) for k, v in losses.items() if "/" not in k}
+            names = [k for k in losses if "/" not in k]
+            values = dist.mean(torch.stack([losses[k].detach().float() for k in names]))
+            last = {k: float(v) for k, v in zip(names, values.tolist(), strict=True)}
             last["lr"] = opt.param_groups[0]["lr"]
             last["images_per_s"] = images / (time.perf_counter() - t0)
-            logger.log(done, last)
+            if logger is not None:
+                logger.log(done, last)
             bar.set_postfix(loss=f"{last['loss']:.3f}")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            _save_checkpoint(out, done, model, head_cfg, opt, sched)
+            dist.barrier()
+            if dist.main:
+                _save_checkpoint(out, done, model, head_cfg, opt, sched)
+            dist.barrier()
         bar.update(1)
     bar.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
     final_step = _latest_step(out)
-    if final_step == cfg.steps:
+    if final_step == cfg.steps and dist.main:
         save_head(model, head_cfg, out / "model")
+    dist.barrier()
     return {
         "run": str(out),
         "steps_done": final_step,
@@ -352,7 +398,86 @@ def _criterion(head: str, head_cfg):
     return AffinityCriterion(head_cfg)
 
 
-def _check_run_folder(out: Path, cfg: TrainConfig, head_cfg, resume: bool) -> None:
+@dataclass
+class _Dist:
+    """The process group of a torchrun launch (world 1: a plain single process, no collectives)."""
+
+    world: int = 1
+    rank: int = 0
+    device: torch.device | None = None
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as tdist
+
+            if self.device is not None and self.device.type == "cuda":
+                tdist.barrier(device_ids=[self.device.index])
+            else:
+                tdist.barrier()
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        if self.enabled:
+            import torch.distributed as tdist
+
+            tdist.broadcast(t, src=0)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (log values; the gradients are averaged by DDP itself)."""
+        if not self.enabled:
+            return t
+        import torch.distributed as tdist
+
+        t = t.clone()
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return t / self.world
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
+    """torchrun's environment (WORLD_SIZE > 1): joins the process group, one device per rank.
+
+    CUDA ranks use cuda:LOCAL_RANK and NCCL; CPU ranks (--device cpu, or no CUDA) use gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(), resolve_device(cfg.device)
+    import torch.distributed as tdist
+
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise SamcpError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices are "
+                "visible; start at most that many processes per node (--nproc_per_node)"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    owns = not tdist.is_initialized()
+    if owns:
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Dist(world=world, rank=rank, device=device, owns_group=owns), device
+
+
+def _check_run_folder(
+    out: Path, cfg: TrainConfig, head_cfg, resume: bool, world_size: int = 1
+) -> None:
     saved = out / "train_config.json"
     if not saved.exists():
         if resume:
@@ -370,6 +495,11 @@ def _check_run_folder(out: Path, cfg: TrainConfig, head_cfg, resume: bool) -> No
                 f"cannot resume {out}: {key} was {old.get(key)!r}, now {now.get(key)!r}; "
                 "resume with the same settings or start another run"
             )
+    if old.get("world_size", 1) != world_size:  # it changes the global batch and data order
+        raise SamcpError(
+            f"cannot resume {out}: it ran on {old.get('world_size', 1)} process(es), now "
+            f"{world_size}; resume with the same torchrun --nproc_per_node / --nnodes"
+        )
 
 
 def _config_json(cfg: TrainConfig, head_cfg) -> dict:
@@ -378,10 +508,14 @@ def _config_json(cfg: TrainConfig, head_cfg) -> dict:
     return d
 
 
-def _write_run_files(out: Path, cfg, head_cfg, classes: ClassSpace, text: torch.Tensor) -> None:
+def _write_run_files(
+    out: Path, cfg, head_cfg, classes: ClassSpace, text: torch.Tensor, world_size: int = 1
+) -> None:
     from safetensors.torch import save_file
 
-    (out / "train_config.json").write_text(json.dumps(_config_json(cfg, head_cfg), indent=2))
+    d = _config_json(cfg, head_cfg)
+    d["world_size"] = world_size
+    (out / "train_config.json").write_text(json.dumps(d, indent=2))
     (out / "classes.json").write_text(json.dumps(classes.categories, indent=1))
     save_file({"text_embed": text.detach().cpu().contiguous()}, str(out / "text_embed.safetensors"))
 
