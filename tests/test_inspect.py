@@ -13,31 +13,14 @@ from samcp.cli.main import main as samcp_main
 from samcp.pipeline.cache import CacheReader
 from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.inspect import AREA_PERCENTILES, _array_bytes, summarize_cache
-from samcp.pipeline.precompute import PrecomputeConfig, run_precompute
-from samcp.pipeline.proposals import ProposalConfig
-from samcp.pipeline.synth import make_synthetic_dataset
 
 BAD_ID = "500003"  # its file is corrupted before precompute -> a failed row in shard 00001
 
 
-def build_cache(tmp: Path) -> Path:
+def build_cache(tmp: Path, slic_cache_factory) -> Path:
     """5 val images in shards of 2 (00000, 00001, 00002); image 500003 unreadable; the last shard
     replaced by a half-written group (no complete=true), as an interrupted worker leaves it."""
-    root = make_synthetic_dataset(
-        tmp / "synth", seed=5, num_train=0, num_val=5, height=96, width=128
-    )
-    (root / "val2017" / f"000000{BAD_ID}.jpg").write_bytes(b"not a jpeg")
-    cache = tmp / "cache.zarr"
-    run_precompute(
-        PrecomputeConfig(
-            source=str(root),
-            out=str(cache),
-            shard_size=2,
-            proposals=ProposalConfig(source="slic"),
-            num_workers=0,
-            progress=False,
-        )
-    )
+    _, cache = slic_cache_factory(tmp, seed=5, corrupt=(BAD_ID,))
     shards = zarr.open_group(str(cache / "shards"), mode="r+")
     del shards["00002"]
     g = shards.create_group("00002")
@@ -47,8 +30,8 @@ def build_cache(tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return build_cache(tmp_path_factory.mktemp("inspect"))
+def cache(tmp_path_factory, slic_cache_factory) -> Path:
+    return build_cache(tmp_path_factory.mktemp("inspect"), slic_cache_factory)
 
 
 def test_counts_match_a_direct_read(cache):

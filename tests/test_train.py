@@ -10,34 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from samcp.pipeline.clip import ClipConfig, make_random_clip_checkpoint
 from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.precompute import PrecomputeConfig, run_precompute
 from samcp.pipeline.proposals import ProposalConfig
-from samcp.pipeline.proposals.slic import SlicParams
-from samcp.pipeline.synth import make_synthetic_dataset
 from samcp.pipeline.train import TrainConfig, run_training
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    data = make_synthetic_dataset(
-        root / "syn", seed=2, num_train=4, num_val=1, height=96, width=128
-    )
-    clip_ckpt = make_random_clip_checkpoint(root / "clip.pt")
-    cfg = PrecomputeConfig(
-        source=str(data),
-        out=str(root / "cache"),
-        split="train2017",
-        shard_size=2,
-        proposals=ProposalConfig(source="slic", slic=SlicParams(n_segments=(12, 40))),
-        num_workers=0,
-        progress=False,
-        clip=ClipConfig(model="samcp-test-convnext", checkpoint=str(clip_ckpt), input_size=256),
-    )
-    run_precompute(cfg)
-    return root, data, clip_ckpt
+@pytest.fixture
+def setup(tiny_train_cache):
+    return tiny_train_cache
 
 
 @pytest.fixture(autouse=True)

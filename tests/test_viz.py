@@ -13,9 +13,6 @@ from samcp.cli.main import main as samcp_main
 from samcp.pipeline.cache import CacheReader
 from samcp.pipeline.datasets import load_image_rgb
 from samcp.pipeline.errors import SamcpError
-from samcp.pipeline.precompute import PrecomputeConfig, run_precompute
-from samcp.pipeline.proposals import ProposalConfig
-from samcp.pipeline.synth import make_synthetic_dataset
 from samcp.pipeline.viz import (
     CANVAS_GREY,
     mask_colors,
@@ -29,23 +26,9 @@ IMAGE_ID = "500001"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path]:
+def built(tmp_path_factory, slic_cache_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("viz")
-    root = make_synthetic_dataset(
-        tmp / "synth", seed=7, num_train=0, num_val=5, height=96, width=128
-    )
-    (root / "val2017" / f"000000{BAD_ID}.jpg").write_bytes(b"broken")
-    cache = tmp / "cache.zarr"
-    run_precompute(
-        PrecomputeConfig(
-            source=str(root),
-            out=str(cache),
-            shard_size=2,
-            proposals=ProposalConfig(source="slic"),
-            num_workers=0,
-            progress=False,
-        )
-    )
+    root, cache = slic_cache_factory(tmp, seed=7, corrupt=(BAD_ID,))
     return root, cache
 
 
