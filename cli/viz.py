@@ -30,6 +30,12 @@ import click
     help="Opacity of the mask colours.",
 )
 @click.option("--no-outline", is_flag=True, help="Do not draw mask boundaries.")
+@click.option(
+    "--pred",
+    "pred_dir",
+    default=None,
+    help="Draw this prediction folder's panoptic segments (samcp predict) instead of the proposals.",
+)
 @click.option("--grid", is_flag=True, help="Tile several images (IMAGE_ID not given).")
 @click.option(
     "--num",
@@ -45,11 +51,14 @@ import click
     type=click.IntRange(min=16),
     help="Grid cell size in pixels.",
 )
-def command(cache, image_id, out, image_root, max_masks, alpha, no_outline, grid, num, tile):
+def command(
+    cache, image_id, out, image_root, max_masks, alpha, no_outline, pred_dir, grid, num, tile
+):
     """Draw the proposals of IMAGE_ID in CACHE over the image, as one coloured overlay with
     outlines (larger masks first, so small ones stay visible), and write it to --out.
 
-    With --grid, draw the first --num images tiled, each with its id written on it.
+    With --grid, draw the first --num images tiled, each with its id written on it. With --pred,
+    draw a prediction of IMAGE_ID (segments coloured and labelled by class) instead.
     """
     from samcp.pipeline.errors import SamcpError
     from samcp.pipeline.viz import render_cached_image, render_grid, write_png
@@ -58,7 +67,13 @@ def command(cache, image_id, out, image_root, max_masks, alpha, no_outline, grid
         raise SamcpError("give either IMAGE_ID or --grid, not both")
     if not grid and image_id is None:
         raise SamcpError("give an IMAGE_ID to draw, or --grid for several images")
-    if grid:
+    if pred_dir is not None:
+        from samcp.pipeline.viz import render_cached_prediction
+
+        if grid:
+            raise SamcpError("--pred draws one image; give an IMAGE_ID instead of --grid")
+        result = render_cached_prediction(pred_dir, cache, image_id, image_root, alpha)
+    elif grid:
         result = render_grid(
             cache,
             num=num,

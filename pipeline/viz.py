@@ -357,3 +357,28 @@ def _id_hint(reader: CacheReader, n: int = 5) -> str:
     if not ids:
         return "it has no complete shards"
     return f"{len(reader)} images, e.g. {', '.join(ids[:n])}"
+
+
+def render_cached_prediction(
+    pred_dir: str | Path,
+    cache: str | Path,
+    image_id: str,
+    image_root: str | Path | None = None,
+    alpha: float = 0.5,
+) -> VizResult:
+    """Renders the panoptic prediction of one cached image over its pixels, segments labelled.
+
+    The pixels are found as for the proposals (:func:`find_image`); a grey canvas with a warning
+    when they cannot be.
+    """
+    from samcp.pipeline.predict import render_prediction
+
+    reader = CacheReader(cache)
+    row = reader.get(str(image_id))
+    image, tried = find_image(reader, row, image_root)
+    warnings = []
+    if image is None:
+        warnings.append(f"image {image_id} not found ({tried}); drawing on a grey canvas")
+        image = np.full((row.height, row.width, 3), 128, np.uint8)
+    drawn = render_prediction(pred_dir, image_id, image, alpha=alpha)
+    return VizResult(drawn, [str(image_id)], 0, len(row.proposals), warnings)

@@ -406,6 +406,30 @@ def test_render_prediction_colours_segments(setup, tmp_path):
         render_prediction(out, "nope", image)
 
 
+def test_viz_pred_draws_a_prediction_over_the_image(setup, tmp_path):
+    from PIL import Image
+
+    from samcp.cli.main import main as samcp_main
+    from samcp.pipeline.cache import CacheReader
+    from samcp.pipeline.viz import find_image
+
+    out = predict_run(
+        setup["run"],
+        setup["cache"],
+        tmp_path / "pred",
+        score_thresh=0.0,
+        stuff_area_min=0,
+        progress=False,
+    )
+    image_id = json.loads((out / "panoptic.json").read_text())["annotations"][0]["image_id"]
+    png = tmp_path / "p.png"
+    samcp_main(["viz", str(setup["cache"]), str(image_id), "--pred", str(out), "--out", str(png)])
+    reader = CacheReader(setup["cache"])
+    pixels, _ = find_image(reader, reader.get(str(image_id)))
+    want = render_prediction(out, image_id, pixels)
+    np.testing.assert_array_equal(np.asarray(Image.open(png).convert("RGB")), want)
+
+
 def test_eval_run_cache_predicts_then_evaluates(setup, tmp_path):
     from samcp.cli.eval import command
 
