@@ -23,6 +23,7 @@ Tests build a tiny open_clip model (:data:`TEST_MODEL_CONFIGS`, registered with 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,15 @@ def make_random_clip_checkpoint(
 
     _model_config(model_name)
     torch.manual_seed(seed)
-    model = open_clip.create_model(model_name)  # no `pretrained`: random init, nothing downloaded
+    # No `pretrained`: random init, nothing downloaded. open_clip warns about exactly that on the root
+    # logger, which is the point here, so it is silenced for this call.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        model = open_clip.create_model(model_name)
+    finally:
+        root.setLevel(level)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
