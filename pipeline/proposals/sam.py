@@ -39,7 +39,9 @@ class SamEverythingParams:
     stability_score_thresh: keep masks whose stability score is at least this (0 disables it).
     stability_score_offset: logit offset used to compute the stability score.
     box_nms_thresh: box IoU above which the lower-scored mask is removed (1.0 keeps all).
-    upsample_chunk: masks upsampled to full resolution at once. Bounds peak memory.
+    upsample_chunk: masks upsampled to full resolution at once; bounds peak memory. 0 picks per
+        device: 4 on a CPU (each chunk's full-resolution maps stay in cache, about 1.5x faster
+        post-processing than 32 there) and 64 on a GPU.
     """
 
     points_per_side: int = 48
@@ -48,7 +50,7 @@ class SamEverythingParams:
     stability_score_thresh: float = 0.9
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
-    upsample_chunk: int = 32
+    upsample_chunk: int = 0
 
     def cache_params(self) -> dict:
         """The parameters that decide the output (recorded in the cache; batch sizes do not)."""
@@ -113,6 +115,7 @@ class SamEverythingGenerator:
         features = self.predictor.features
         input_size = self.predictor.input_size
         thr = self.model.mask_threshold
+        chunk = p.upsample_chunk or (64 if self.device.type == "cuda" else 4)
 
         points = self._grid * np.array([[w, h]], dtype=np.float64)
         # SAM transforms the prompts in float64 and only casts inside the prompt encoder; do the same.
@@ -132,12 +135,12 @@ class SamEverythingGenerator:
             if p.pred_iou_thresh > 0.0:
                 keep = iou > p.pred_iou_thresh
                 low_res, iou, pts = low_res[keep], iou[keep], pts[keep]
-            for s in range(0, low_res.shape[0], p.upsample_chunk):
-                logits = self._upsample(low_res[s : s + p.upsample_chunk], input_size, (h, w))
+            for s in range(0, low_res.shape[0], chunk):
+                logits = self._upsample(low_res[s : s + chunk], input_size, (h, w))
                 hi = (logits > thr + p.stability_score_offset).sum((-1, -2), dtype=torch.int32)
                 lo = (logits > thr - p.stability_score_offset).sum((-1, -2), dtype=torch.int32)
                 stab = hi / lo
-                ci, cp = iou[s : s + p.upsample_chunk], pts[s : s + p.upsample_chunk]
+                ci, cp = iou[s : s + chunk], pts[s : s + chunk]
                 if p.stability_score_thresh > 0.0:
                     keep = stab >= p.stability_score_thresh
                     logits, stab, ci, cp = logits[keep], stab[keep], ci[keep], cp[keep]
