@@ -33,7 +33,7 @@ from pycocotools import mask as mask_utils
 
 from samcp.pipeline.cache import STATUS_OK, CachedImage, CacheReader
 from samcp.pipeline.errors import SamcpError
-from samcp.pipeline.headdata import ClassSpace, HeadSample, collate, make_sample
+from samcp.pipeline.headdata import HeadSample, collate, make_sample
 
 NO_CLASS = -1  # "no region covers this pixel" in class-index maps
 IGNORE_LABEL = 255  # the same in semantic PNGs (detectron2's ignore label)
@@ -277,18 +277,11 @@ def _read_json(path: Path, what: str) -> Any:
 def vocabulary_text_embed(
     vocab, cache_attrs: dict, clip_checkpoint: str | None, templates: str, device: torch.device
 ) -> torch.Tensor:
-    """(K, D) one embedding per vocabulary class: the normalised mean over its synonyms.
-
-    Each synonym is embedded through `samcp.pipeline.train.class_text_embeddings` (one "class" per
-    synonym: the same CLIP check, loading and disk cache as training), then synonyms are averaged
-    exactly as that function averages them.
-    """
+    """(K, D) one embedding per vocabulary class: the normalised mean over its synonyms."""
     from samcp.pipeline.train import class_text_embeddings
 
-    names, class_index = vocab.flat()
-    per_name = ClassSpace([{"id": i, "name": n} for i, n in enumerate(names)])
     try:
-        te = class_text_embeddings(per_name, cache_attrs, clip_checkpoint, templates, device)
+        return class_text_embeddings(vocab, cache_attrs, clip_checkpoint, templates, device)
     except SamcpError:
         if clip_checkpoint:
             raise
@@ -296,9 +289,6 @@ def vocabulary_text_embed(
             f"text embeddings of vocabulary {vocab.name!r} for CLIP {cache_attrs['clip']['model']} "
             "are not cached yet; pass --clip-checkpoint (the cache's CLIP) to compute them"
         ) from None
-    out = torch.zeros(len(vocab), te.shape[1], device=te.device)
-    out.index_add_(0, torch.tensor(class_index, device=te.device), te.float())
-    return torch.nn.functional.normalize(out, dim=-1)
 
 
 def _dataset_categories(cache_attrs: dict) -> tuple[str, list[dict]] | None:

@@ -146,17 +146,17 @@ def _channels(cache: str, level: str) -> int:
 
 
 def class_text_embeddings(
-    classes: ClassSpace,
+    vocab,
     cache_attrs: dict,
     clip_checkpoint: str | None,
     templates: str,
     device: torch.device,
 ) -> torch.Tensor:
-    """(K, D) one embedding per class: the normalised mean of its synonyms' template embeddings."""
-    from samcp.pipeline.vocab import text_embeddings, vocabulary_from_dataset
+    """(K, D) one embedding per class of ``vocab`` (a samcp.pipeline.vocab.Vocabulary): the
+    normalised mean of its synonyms' template-averaged embeddings, with the cache's CLIP."""
+    from samcp.pipeline.vocab import text_embeddings
 
     clip = cache_attrs["clip"]
-    vocab = vocabulary_from_dataset(classes.categories)
     model = tokenizer = None
     if clip_checkpoint:
         import open_clip
@@ -183,8 +183,7 @@ def class_text_embeddings(
         )
     except SamcpError as exc:
         raise SamcpError(f"{exc} (pass --clip-checkpoint)") from None
-    k = len(classes)
-    out = torch.zeros(k, te.embeddings.shape[1], device=te.embeddings.device)
+    out = torch.zeros(len(vocab.ids), te.embeddings.shape[1], device=te.embeddings.device)
     out.index_add_(0, te.class_index.to(out.device), te.embeddings.float())
     return torch.nn.functional.normalize(out, dim=-1)
 
@@ -303,8 +302,11 @@ def _train(cfg, resume, stop_after, sampler_cls, dist: _Dist, device: torch.devi
 
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        from samcp.pipeline.vocab import vocabulary_from_dataset
+
+        vocab = vocabulary_from_dataset(classes.categories)
         text = class_text_embeddings(
-            classes, reader.attrs, cfg.clip_checkpoint, cfg.templates, device
+            vocab, reader.attrs, cfg.clip_checkpoint, cfg.templates, device
         )
         _write_run_files(out, cfg, head_cfg, classes, text, dist.world)
     else:  # CLIP runs on rank 0 only; the others receive its embeddings
