@@ -1,4 +1,4 @@
-"""`samcp demo`: the embedded end-to-end run behind `make demo`."""
+"""`samcp demo`: the embedded end-to-end run behind `make demo` (see samcp.pipeline.demo)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,22 @@ import click
     help="Ray CPU workers for precompute (0: in-process).",
 )
 def command(out: Path, num_workers: int) -> None:
-    """Synthetic data -> precompute on local Ray -> cache summary -> proposal-oracle metrics."""
+    """Run the whole pipeline end to end on a small synthetic dataset, all under --out.
+
+    \b
+    1. synth: a synthetic COCO-panoptic dataset (train and val).
+    2. precompute: both splits on local Ray, with SLIC proposals and the
+       features of a tiny random CLIP ConvNeXt.
+    3. train: the SAM-CP affinity head on the train cache (and an untrained
+       copy as a baseline).
+    4. predict + eval: PQ/SQ/RQ, mIoU and AP on val of the untrained head,
+       the trained head and the proposal oracle, printed as a table and
+       written to OUT/figures.json.
+    5. viz: pictures of the trained head's predictions in OUT/viz.
+
+    Set SAM_CHECKPOINT (and SAM_MODEL) or CLIP_CHECKPOINT (and CLIP_MODEL) to use real SAM or CLIP
+    weights instead. Re-running resumes: the dataset, caches and finished runs are reused.
+    """
     from samcp.pipeline.demo import run_demo
 
     run_demo(out, echo=click.echo, num_workers=num_workers)

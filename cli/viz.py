@@ -1,4 +1,5 @@
-"""`samcp viz`: an image with its cached proposals drawn over it, or a grid of several."""
+"""`samcp viz`: an image with its cached proposals drawn over it, a grid of several, or its
+panoptic prediction and ground truth side by side."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import click
 @click.command("viz")
 @click.argument("cache", type=str)
 @click.argument("image_id", required=False)
-@click.option("--out", "-o", required=True, help="PNG file to write.")
+@click.option(
+    "--out", "-o", required=True, help="PNG file to write (its folder is created if missing)."
+)
 @click.option(
     "--image-root",
     default=None,
@@ -34,7 +37,15 @@ import click
     "--pred",
     "pred_dir",
     default=None,
-    help="Draw this prediction folder's panoptic segments (samcp predict) instead of the proposals.",
+    help="Draw this prediction folder's panoptic segments (samcp predict, or samcp eval "
+    "--oracle-out) instead of the proposals.",
+)
+@click.option(
+    "--gt",
+    "gt",
+    default=None,
+    help="Draw the ground-truth segments from this COCO panoptic dataset root (the cache's split) "
+    "or panoptic JSON; with --pred, ground truth left and prediction right.",
 )
 @click.option("--grid", is_flag=True, help="Tile several images (IMAGE_ID not given).")
 @click.option(
@@ -52,27 +63,43 @@ import click
     help="Grid cell size in pixels.",
 )
 def command(
-    cache, image_id, out, image_root, max_masks, alpha, no_outline, pred_dir, grid, num, tile
+    cache, image_id, out, image_root, max_masks, alpha, no_outline, pred_dir, gt, grid, num, tile
 ):
     """Draw the proposals of IMAGE_ID in CACHE over the image, as one coloured overlay with
     outlines (larger masks first, so small ones stay visible), and write it to --out.
 
-    With --grid, draw the first --num images tiled, each with its id written on it. With --pred,
-    draw a prediction of IMAGE_ID (segments coloured and labelled by class) instead.
+    With --grid, draw the first --num images tiled, each with its id written on it. With --pred
+    and/or --gt, draw the panoptic segments of IMAGE_ID instead: each segment in a colour chosen
+    to contrast with the image under it, outlined and labelled with its class name; with both,
+    ground truth on the left and prediction on the right.
     """
     from samcp.pipeline.errors import SamcpError
-    from samcp.pipeline.viz import render_cached_image, render_grid, write_png
+    from samcp.pipeline.outputs import check_out_file
+    from samcp.pipeline.viz import (
+        render_cached_image,
+        render_cached_segments,
+        render_grid,
+        write_png,
+    )
 
+    check_out_file(out, "--out")
     if grid and image_id is not None:
         raise SamcpError("give either IMAGE_ID or --grid, not both")
     if not grid and image_id is None:
         raise SamcpError("give an IMAGE_ID to draw, or --grid for several images")
-    if pred_dir is not None:
-        from samcp.pipeline.viz import render_cached_prediction
-
+    segments = pred_dir is not None or gt is not None
+    if segments:
         if grid:
-            raise SamcpError("--pred draws one image; give an IMAGE_ID instead of --grid")
-        result = render_cached_prediction(pred_dir, cache, image_id, image_root, alpha)
+            raise SamcpError("--pred and --gt draw one image; give an IMAGE_ID instead of --grid")
+        result = render_cached_segments(
+            cache,
+            image_id,
+            pred_dir=pred_dir,
+            gt=gt,
+            image_root=image_root,
+            alpha=alpha,
+            outline=not no_outline,
+        )
     elif grid:
         result = render_grid(
             cache,
@@ -96,9 +123,10 @@ def command(
         click.echo(f"warning: {w}", err=True)
     path = write_png(result.image, out)
     h, w = result.image.shape[:2]
-    shown = (
-        f"{result.num_masks} masks"
-        if result.num_masks == result.total_masks
-        else f"{result.num_masks} of {result.total_masks} masks (--max-masks)"
-    )
+    if segments:
+        shown = f"{result.num_masks} segments"
+    elif result.num_masks == result.total_masks:
+        shown = f"{result.num_masks} masks"
+    else:
+        shown = f"{result.num_masks} of {result.total_masks} masks (--max-masks)"
     click.echo(f"wrote {path} ({w}x{h}): {len(result.image_ids)} image(s), {shown}")

@@ -1,15 +1,22 @@
-"""`samcp viz`: draw cached proposals (and, later, predictions) over their images.
+"""`samcp viz`: draw cached proposals, panoptic predictions and ground truth over their images.
 
 :func:`render_overlay` is the one drawing routine: masks become a single coloured layer blended over
 the image, with each mask's boundary as an outline. Larger masks are drawn first so that small ones
-stay visible on top; colours are a deterministic function of the mask index (or given per mask, with
-optional text labels, for prediction views that colour by class).
+stay visible on top; colours are a deterministic function of the mask index, or given per mask with
+optional text labels.
+
+Panoptic segments (a prediction folder, a ground truth) are not coloured by their class's colour:
+on a dataset whose classes are painted in those colours (the synthetic set) the overlay would
+vanish. :func:`contrast_colors` picks, per segment, a palette colour far from the image's mean
+colour under that segment instead, and the class name is written on the segment.
 """
 
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import functools
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,6 +31,13 @@ from samcp.pipeline.errors import SamcpError
 
 CANVAS_GREY = 128  # the background used when an image file cannot be found
 _GOLDEN = 0.618033988749895
+PANEL_GAP = 8  # pixels between the panels of a side-by-side picture
+CAPTION_HEIGHT = 16  # the strip above side-by-side panels that holds their captions
+_BACKDROP = (24, 24, 24)  # sheet colour of grids and side-by-side pictures
+_CONTRAST_PALETTE = 24  # candidate colours for contrast_colors
+# CIELAB distance a reused palette colour costs in contrast_colors: two segments of one picture
+# should not share a colour while a nearly as contrasting unused one exists.
+_REUSE_PENALTY = 30.0
 
 
 def mask_colors(n: int) -> np.ndarray:
@@ -316,7 +330,7 @@ def tile_images(images: list[np.ndarray], captions: list[str], tile: int = 256) 
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     pad = 4
-    sheet = Image.new("RGB", (cols * (tile + pad) + pad, rows * (tile + pad) + pad), (24, 24, 24))
+    sheet = Image.new("RGB", (cols * (tile + pad) + pad, rows * (tile + pad) + pad), _BACKDROP)
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     for k, (img, cap) in enumerate(zip(images, captions)):
@@ -336,15 +350,24 @@ def tile_images(images: list[np.ndarray], captions: list[str], tile: int = 256) 
 
 
 def write_png(image: np.ndarray, path: str | Path) -> Path:
-    """Writes an RGB PNG atomically (a temporary file renamed into place), creating its folder."""
+    """Writes an RGB PNG atomically (a temporary file renamed into place), creating its folder.
+
+    Raises:
+        SamcpError: the file or its folder cannot be written (a folder in the way, no permission).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
         os.replace(tmp, path)
+    except OSError as exc:
+        raise SamcpError(
+            f"cannot write {path} ({exc.strerror or exc}); choose another path"
+        ) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # under a file, even unlink fails
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -359,6 +382,246 @@ def _id_hint(reader: CacheReader, n: int = 5) -> str:
     return f"{len(reader)} images, e.g. {', '.join(ids[:n])}"
 
 
+def contrast_colors(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """A colour per mask that stands out against the image under that mask.
+
+    Each mask, in order, takes the colour of a fixed saturated palette (:func:`mask_colors`) that
+    is farthest in CIELAB from the image's mean colour under the mask; a colour already given to
+    another mask counts as ``_REUSE_PENALTY`` closer, so neighbours rarely share one. The result
+    depends only on the image and the masks.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        masks: (M, H, W) bool.
+
+    Returns:
+        (M, 3) uint8 RGB.
+    """
+    from skimage.color import rgb2lab
+
+    masks = np.asarray(masks, bool)
+    palette = mask_colors(_CONTRAST_PALETTE)
+    pal_lab = rgb2lab(palette[None].astype(np.float64) / 255.0)[0]
+    img = np.asarray(image).astype(np.float64) / 255.0
+    uses = np.zeros(len(palette))
+    out = np.zeros((len(masks), 3), np.uint8)
+    for i, m in enumerate(masks):
+        mean = img[m].mean(0) if m.any() else np.full(3, 0.5)
+        mean_lab = rgb2lab(mean[None, None])[0, 0]
+        score = np.linalg.norm(pal_lab - mean_lab, axis=1) - _REUSE_PENALTY * uses
+        k = int(np.argmax(score))  # ties: the first palette colour
+        uses[k] += 1
+        out[i] = palette[k]
+    return out
+
+
+@dataclass
+class Segments:
+    """The panoptic segments of one image, as masks with the names of their classes."""
+
+    masks: np.ndarray  # (S, H, W) bool, void excluded
+    labels: list[str]  # class name per segment
+
+
+def _segments_from_png(
+    png: Path, segments_info: list[dict], names: dict[int, str], where: str
+) -> Segments:
+    from samcp.pipeline.evaluation.formats import read_panoptic_png
+
+    ids = read_panoptic_png(png)
+    try:
+        segs = [s for s in segments_info if int(s["id"]) != 0 and (ids == int(s["id"])).any()]
+        labels = [names.get(int(s["category_id"]), str(s["category_id"])) for s in segs]
+    except (KeyError, TypeError, ValueError):
+        raise SamcpError(
+            f"{where}: every segments_info entry needs an integer id and category_id"
+        ) from None
+    masks = (
+        np.stack([ids == int(s["id"]) for s in segs]) if segs else np.zeros((0, *ids.shape), bool)
+    )
+    return Segments(masks, labels)
+
+
+def prediction_segments(
+    pred_dir: str | Path, image_id: str, names: dict[int, str] | None = None
+) -> Segments:
+    """The segments ``samcp predict`` (or ``samcp eval --oracle-out``) wrote for one image.
+
+    Args:
+        pred_dir: a prediction folder (panoptic.json and panoptic/).
+        image_id: the image's id (compared as a string).
+        names: class names by category id, used where panoptic.json lists no categories.
+
+    Raises:
+        SamcpError: the folder is not a prediction folder or has no prediction of the image.
+    """
+    from samcp.pipeline.evaluation.formats import load_predictions
+
+    pred = load_predictions(Path(pred_dir))
+    ann = pred.annotations.get(str(image_id))
+    if ann is None:
+        raise SamcpError(f"image {image_id} has no prediction in {pred_dir}")
+    data = json.loads((pred.root / "panoptic.json").read_text(encoding="utf-8"))
+    cats = data.get("categories") or []
+    try:
+        own = {int(c["id"]): str(c.get("name", c["id"])) for c in cats if "id" in c}
+    except (AttributeError, TypeError, ValueError):
+        raise SamcpError(
+            f"{pred.root / 'panoptic.json'}: 'categories' must be a list of {{id, name}} objects"
+        ) from None
+    names = {**(names or {}), **own}
+    segs = _segments_from_png(
+        pred.png_dir / ann["file_name"], ann["segments_info"], names, str(pred.root)
+    )
+    return segs
+
+
+def ground_truth_segments(
+    gt: str | Path, image_id: str, split: str = "val2017"
+) -> tuple[Segments, dict[int, str]]:
+    """The ground-truth segments of one image and the dataset's class names by category id.
+
+    Args:
+        gt: a COCO panoptic dataset root (annotations/panoptic_<split>.json) or a panoptic JSON
+            file whose PNGs are in the folder of the same name.
+        image_id: the image's id (compared as a string).
+        split: the split, when ``gt`` is a dataset root.
+
+    Raises:
+        SamcpError: the ground truth cannot be read or does not annotate the image.
+    """
+    from samcp.pipeline.evaluation.formats import load_ground_truth, resolve_ground_truth
+
+    json_path, png_dir = resolve_ground_truth(Path(gt), split)
+    truth = load_ground_truth(json_path, png_dir)
+    names = {c.id: c.name for c in truth.categories}
+    ann = next((a for a in truth.annotations if str(a.get("image_id")) == str(image_id)), None)
+    if ann is None:
+        raise SamcpError(f"image {image_id} is not annotated in {json_path}")
+    if "file_name" not in ann or "segments_info" not in ann:
+        raise SamcpError(f"{json_path}: the annotation of image {image_id} lacks file_name")
+    segs = _segments_from_png(
+        png_dir / ann["file_name"], ann["segments_info"], names, str(json_path)
+    )
+    return segs, names
+
+
+def render_segments(
+    image: np.ndarray, segments: Segments, alpha: float = 0.5, outline: bool = True
+) -> np.ndarray:
+    """Panoptic segments over an image in contrasting colours, each labelled with its class.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        segments: the segments, of the image's size.
+        alpha: fill opacity.
+        outline: draw segment boundaries.
+
+    Raises:
+        SamcpError: the segments are not of the image's size.
+    """
+    image = np.asarray(image)
+    if segments.masks.shape[1:] != image.shape[:2]:
+        raise SamcpError(
+            f"image is {image.shape[1]}x{image.shape[0]} but its segments are "
+            f"{segments.masks.shape[2]}x{segments.masks.shape[1]}"
+        )
+    colors = contrast_colors(image, segments.masks)
+    return render_overlay(
+        image, segments.masks, alpha=alpha, outline=outline, colors=colors, labels=segments.labels
+    )
+
+
+def side_by_side(panels: list[np.ndarray], captions: list[str]) -> np.ndarray:
+    """Pictures of equal height in a row, ``PANEL_GAP`` px apart, captioned in a strip above.
+
+    Panel ``k`` occupies rows ``CAPTION_HEIGHT:`` and columns from ``k * (W + PANEL_GAP)`` on
+    (for panels of width W), unscaled.
+    """
+    if not panels or len(panels) != len(captions):
+        raise ValueError("give one caption per panel, and at least one panel")
+    h = panels[0].shape[0]
+    if any(p.shape[0] != h for p in panels):
+        raise ValueError("side-by-side panels must have the same height")
+    width = sum(p.shape[1] for p in panels) + PANEL_GAP * (len(panels) - 1)
+    sheet = Image.new("RGB", (width, h + CAPTION_HEIGHT), _BACKDROP)
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    x = 0
+    for panel, caption in zip(panels, captions):
+        sheet.paste(Image.fromarray(np.asarray(panel, np.uint8)), (x, CAPTION_HEIGHT))
+        draw.text(
+            (x + 3, CAPTION_HEIGHT // 2), caption, fill=(255, 255, 255), font=font, anchor="lm"
+        )
+        x += panel.shape[1] + PANEL_GAP
+    return np.asarray(sheet)
+
+
+def render_cached_segments(
+    cache: str | Path,
+    image_id: str,
+    pred_dir: str | Path | None = None,
+    gt: str | Path | None = None,
+    image_root: str | Path | None = None,
+    alpha: float = 0.5,
+    outline: bool = True,
+    split: str | None = None,
+) -> VizResult:
+    """A prediction, a ground truth, or both side by side, over the pixels of a cached image.
+
+    With both, the picture is the ground truth on the left and the prediction on the right
+    (:func:`side_by_side`). Segments get contrasting colours and their class names; a prediction
+    folder without categories borrows the ground truth's names.
+
+    Args:
+        cache: the cache the image was precomputed into (it says where the pixels are).
+        image_id: the image's id.
+        pred_dir: a prediction folder.
+        gt: a COCO panoptic dataset root or panoptic JSON file.
+        image_root: where to find the image instead of the cache's ``dataset_source``.
+        alpha: fill opacity.
+        outline: draw segment boundaries.
+        split: the split of a ``gt`` dataset root; default the split the cache was made from.
+
+    Raises:
+        SamcpError: neither ``pred_dir`` nor ``gt`` is given, the image is not in the cache or
+            not in them, or they cannot be read.
+    """
+    if pred_dir is None and gt is None:
+        raise SamcpError("give a prediction folder, a ground truth, or both")
+    reader = CacheReader(cache)
+    try:
+        row = reader.get(str(image_id))
+    except SamcpError:
+        raise SamcpError(
+            f"image id {image_id!r} is not in cache {reader.path} ({_id_hint(reader)}); "
+            "`samcp inspect` lists what is there"
+        ) from None
+    warnings: list[str] = []
+    image, tried = find_image(reader, row, image_root)
+    if image is None:
+        warnings.append(
+            f"image {row.image_id} not found ({tried}); drawing on a grey canvas "
+            "(pass --image-root DIR to say where the images are)"
+        )
+        image = np.full((row.height, row.width, 3), CANVAS_GREY, np.uint8)
+    panels, captions, drawn = [], [], 0
+    names: dict[int, str] = {}
+    if gt is not None:
+        src_split = (reader.attrs.get("dataset_source") or {}).get("split")
+        gt_segs, names = ground_truth_segments(gt, row.image_id, split or src_split or "val2017")
+        panels.append(render_segments(image, gt_segs, alpha, outline))
+        captions.append(f"ground truth: {len(gt_segs.labels)} segments")
+        drawn += len(gt_segs.labels)
+    if pred_dir is not None:
+        pred_segs = prediction_segments(pred_dir, row.image_id, names)
+        panels.append(render_segments(image, pred_segs, alpha, outline))
+        captions.append(f"prediction: {len(pred_segs.labels)} segments")
+        drawn += len(pred_segs.labels)
+    picture = panels[0] if len(panels) == 1 else side_by_side(panels, captions)
+    return VizResult(picture, [row.image_id], drawn, drawn, warnings)
+
+
 def render_cached_prediction(
     pred_dir: str | Path,
     cache: str | Path,
@@ -366,19 +629,8 @@ def render_cached_prediction(
     image_root: str | Path | None = None,
     alpha: float = 0.5,
 ) -> VizResult:
-    """Renders the panoptic prediction of one cached image over its pixels, segments labelled.
-
-    The pixels are found as for the proposals (:func:`find_image`); a grey canvas with a warning
-    when they cannot be.
-    """
-    from samcp.pipeline.predict import render_prediction
-
-    reader = CacheReader(cache)
-    row = reader.get(str(image_id))
-    image, tried = find_image(reader, row, image_root)
-    warnings = []
-    if image is None:
-        warnings.append(f"image {image_id} not found ({tried}); drawing on a grey canvas")
-        image = np.full((row.height, row.width, 3), 128, np.uint8)
-    drawn = render_prediction(pred_dir, image_id, image, alpha=alpha)
-    return VizResult(drawn, [str(image_id)], 0, len(row.proposals), warnings)
+    """The panoptic prediction of one cached image over its pixels (see
+    :func:`render_cached_segments`)."""
+    return render_cached_segments(
+        cache, image_id, pred_dir=pred_dir, image_root=image_root, alpha=alpha
+    )

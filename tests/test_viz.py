@@ -1,7 +1,9 @@
-"""`samcp viz`: overlay pixels follow the masks, images are found (or a grey canvas is said)."""
+"""`samcp viz`: overlay pixels follow the masks, images are found (or a grey canvas is said),
+predicted segments stand out from the image, ground truth and prediction sit side by side."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,12 +15,18 @@ from samcp.cli.main import main as samcp_main
 from samcp.pipeline.cache import CacheReader
 from samcp.pipeline.datasets import load_image_rgb
 from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.evaluation.formats import read_panoptic_png, write_panoptic_png
 from samcp.pipeline.viz import (
     CANVAS_GREY,
+    CAPTION_HEIGHT,
+    PANEL_GAP,
+    ground_truth_segments,
     mask_colors,
+    prediction_segments,
     render_cached_image,
     render_grid,
     render_overlay,
+    render_segments,
 )
 
 BAD_ID = "500002"
@@ -182,3 +190,135 @@ def test_grid(built, tmp_path):
     assert Image.open(out).size == (2 * 68 + 4, 2 * 68 + 4)
     with pytest.raises(SystemExit):
         samcp_main(["viz", str(cache), IMAGE_ID, "--grid", "--out", str(out)])
+
+
+def gt_as_prediction(root: Path, dest: Path) -> Path:
+    """A prediction folder whose segments are the ground truth's (panoptic.json + panoptic/)."""
+    dest.mkdir(parents=True)
+    shutil.copy(root / "annotations" / "panoptic_val2017.json", dest / "panoptic.json")
+    shutil.copytree(root / "annotations" / "panoptic_val2017", dest / "panoptic")
+    return dest
+
+
+def gt_annotation(root: Path, image_id: str) -> tuple[dict, list[dict]]:
+    data = json.loads((root / "annotations" / "panoptic_val2017.json").read_text())
+    ann = next(a for a in data["annotations"] if str(a["image_id"]) == image_id)
+    return ann, data["categories"]
+
+
+def test_predicted_segments_contrast_with_the_image(built, tmp_path):
+    """On the synthetic set each class is painted in its category colour; a prediction equal to
+    the ground truth must still stand out from the pixels under every segment."""
+    root, cache = built
+    pred = gt_as_prediction(root, tmp_path / "pred")
+    out = tmp_path / "pred.png"
+    samcp_main(
+        ["viz", str(cache), IMAGE_ID, "--pred", str(pred), "--no-outline", "--out", str(out)]
+    )
+    png = np.asarray(Image.open(out).convert("RGB")).astype(np.float64)
+    image = load_image_rgb(root / "val2017" / f"000000{IMAGE_ID}.jpg").astype(np.float64)
+    assert png.shape == image.shape
+    ann, categories = gt_annotation(root, IMAGE_ID)
+    ids = read_panoptic_png(root / "annotations" / "panoptic_val2017" / ann["file_name"])
+    masks = [ids == s["id"] for s in ann["segments_info"] if (ids == s["id"]).any()]
+    assert len(masks) >= 3
+
+    def shift(drawn: np.ndarray, m: np.ndarray) -> float:  # mean RGB distance to the raw pixels
+        return float(np.linalg.norm(drawn[m] - image[m], axis=1).mean())
+
+    margin = 60.0
+    shifts = [shift(png, m) for m in masks]
+    assert min(shifts) > margin, shifts
+    # The check has teeth: the same overlay in each class's own colour stays under the margin.
+    paint = {c["id"]: c["color"] for c in categories}
+    segs = [s for s in ann["segments_info"] if (ids == s["id"]).any()]
+    same = render_overlay(
+        image.astype(np.uint8),
+        np.stack(masks),
+        outline=False,
+        colors=np.array([paint[s["category_id"]] for s in segs], np.uint8),
+    ).astype(np.float64)
+    assert max(shift(same, m) for m in masks) < margin
+
+
+def test_gt_and_prediction_side_by_side(built, tmp_path, capsys):
+    root, cache = built
+    # A prediction that differs from the ground truth: one segment missing (void), and a folder
+    # without categories (the class names are then the ground truth's).
+    pred = gt_as_prediction(root, tmp_path / "pred")
+    data = json.loads((pred / "panoptic.json").read_text())
+    del data["categories"]
+    ann = next(a for a in data["annotations"] if str(a["image_id"]) == IMAGE_ID)
+    ids = read_panoptic_png(pred / "panoptic" / ann["file_name"])
+    dropped = ann["segments_info"].pop()
+    gone = ids == dropped["id"]
+    assert gone.any()
+    ids[gone] = 0
+    write_panoptic_png(pred / "panoptic" / ann["file_name"], ids)
+    (pred / "panoptic.json").write_text(json.dumps(data))
+
+    out = tmp_path / "both.png"
+    samcp_main(
+        ["viz", str(cache), IMAGE_ID, "--gt", str(root), "--pred", str(pred), "-o", str(out)]
+    )
+    assert "segments" in capsys.readouterr().out
+    png = np.asarray(Image.open(out).convert("RGB"))
+    image = load_image_rgb(root / "val2017" / f"000000{IMAGE_ID}.jpg")
+    h, w = image.shape[:2]
+    assert png.shape == (CAPTION_HEIGHT + h, 2 * w + PANEL_GAP, 3)
+
+    gt_segs, names = ground_truth_segments(root, IMAGE_ID)
+    pred_segs = prediction_segments(pred, IMAGE_ID, names)
+    assert pred_segs.labels == gt_segs.labels[:-1]  # class names, borrowed from the ground truth
+    assert names[dropped["category_id"]] == gt_segs.labels[-1]
+    left, right = png[CAPTION_HEIGHT:, :w], png[CAPTION_HEIGHT:, w + PANEL_GAP :]
+    np.testing.assert_array_equal(left, render_segments(image, gt_segs))
+    np.testing.assert_array_equal(right, render_segments(image, pred_segs))
+    # The left half draws the dropped segment; the right half leaves it as the raw image (but for
+    # a neighbour's label that may reach over it).
+    assert (left[gone] != image[gone]).any(axis=1).mean() > 0.9
+    assert (right[gone] == image[gone]).all(axis=1).mean() > 0.9
+
+    # --gt alone draws the ground truth at the image's size.
+    samcp_main(["viz", str(cache), IMAGE_ID, "--gt", str(root), "-o", str(out)])
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out).convert("RGB")), render_segments(image, gt_segs)
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pred", "nowhere"], "prediction folder not found"),
+        (["--gt", "nowhere"], "ground-truth panoptic JSON not found"),
+        (["--grid", "--gt", "GT"], "give an IMAGE_ID instead of --grid"),
+    ],
+)
+def test_segment_views_refuse_bad_input_in_one_line(built, tmp_path, capsys, args, message):
+    root, cache = built
+    args = [str(root) if a == "GT" else str(tmp_path / a) if a == "nowhere" else a for a in args]
+    image = [] if "--grid" in args else [IMAGE_ID]
+    out = tmp_path / "x.png"
+    with pytest.raises(SystemExit) as e:
+        samcp_main(["viz", str(cache), *image, *args, "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_out_that_is_a_folder_or_under_a_file_is_refused(built, tmp_path, capsys):
+    _, cache = built
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    for out, message in ((folder, "is a folder"), (blocker / "viz.png", "lies under the file")):
+        with pytest.raises(SystemExit) as e:
+            samcp_main(["viz", str(cache), IMAGE_ID, "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out") and err.count("\n") == 1 and message in err
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    assert (folder / "keep.txt").read_text() == "mine" and blocker.read_text() == "mine"
