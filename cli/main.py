@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.errors import expected_error_message
 
 # Sub-command modules; each defines a click command called `command`.
 _COMMAND_MODULES = [
@@ -33,12 +33,10 @@ for _name in _COMMAND_MODULES:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning SamcpError into a one-line message and exit code 2."""
+    """Entry point: run the CLI; expected errors (samcp's own, the user's files and paths) become
+    one line on stderr and exit code 2, a bug keeps its traceback."""
     try:
         cli.main(args=argv, standalone_mode=False)
-    except SamcpError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -47,6 +45,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        message = expected_error_message(exc)
+        if message is None:
+            raise
+        click.echo(f"error: {message}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

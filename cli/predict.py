@@ -26,7 +26,8 @@ import click
     "out_dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="Prediction folder to write (an earlier prediction folder there is replaced).",
+    help="Prediction folder to write (an earlier samcp prediction folder there is replaced; "
+    "any other non-empty folder is refused).",
 )
 @click.option(
     "--vocabulary",
@@ -81,6 +82,11 @@ import click
     show_default=True,
     help="auto, cpu or cuda[:N].",
 )
+@click.option(
+    "--allow-incomplete",
+    is_flag=True,
+    help="Predict an unfinished cache (precompute interrupted); the missing images are noted.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def command(
     run_dir: Path,
@@ -94,6 +100,7 @@ def command(
     stuff_area_min: int,
     batch_size: int,
     device: str,
+    allow_incomplete: bool,
     no_progress: bool,
 ) -> None:
     """Predict every image of CACHE with the head of RUN and write COCO panoptic PNG+JSON,
@@ -113,6 +120,7 @@ def command(
         stuff_area_min=stuff_area_min,
         batch_size=batch_size,
         progress=not no_progress,
+        allow_incomplete=allow_incomplete,
     )
     for note in prediction_notes(out):
         click.echo(f"note: {note}", err=True)

@@ -16,7 +16,9 @@ import click
 @click.option("--width", default=320, show_default=True, type=click.IntRange(min=32))
 @click.option("--min-instances", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--max-instances", default=8, show_default=True, type=click.IntRange(min=0))
-@click.option("--overwrite", is_flag=True, help="Replace an existing dataset at OUT.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace a synthetic dataset samcp wrote earlier at OUT."
+)
 def command(out, seed, num_train, num_val, height, width, min_instances, max_instances, overwrite):
     """Write a synthetic COCO-panoptic dataset (images, panoptic PNG+JSON, semantic PNGs,
     classes.txt) to OUT."""

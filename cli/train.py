@@ -11,10 +11,14 @@ import click
 from samcp.pipeline.errors import SamcpError
 
 
-def _parse_value(text: str):
+def _load_yaml(text: str, where: str):
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())[:160]
+        raise SamcpError(f"{where} is not valid YAML ({first}); fix its syntax") from None
 
 
 @click.command("train")
@@ -27,7 +31,7 @@ def _parse_value(text: str):
     "--config",
     "config_file",
     type=click.Path(exists=True, path_type=Path),
-    help="YAML run config: TrainConfig fields, and a `head:` mapping of head config fields.",
+    help="YAML run config: TrainConfig fields, and a `head_config:` mapping of head config fields.",
 )
 @click.option(
     "--preset",
@@ -54,6 +58,17 @@ def _parse_value(text: str):
     "--ckpt-every", type=click.IntRange(min=1), default=None, help="Steps per checkpoint."
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option(
+    "--allow-incomplete",
+    is_flag=True,
+    help="Train on an unfinished cache (precompute interrupted); the missing images are reported.",
+)
+@click.option(
+    "--allow-other-dataset",
+    is_flag=True,
+    help="Accept a cache recorded as made from another dataset (the same images moved); image "
+    "sizes are still checked.",
+)
 @click.option("--no-progress", is_flag=True)
 def command(
     cache,
@@ -72,6 +87,8 @@ def command(
     device,
     ckpt_every,
     resume,
+    allow_incomplete,
+    allow_other_dataset,
     no_progress,
 ):
     """Train a head on cached SAM patches and CLIP features (decoupled from the foundation models)."""
@@ -80,12 +97,13 @@ def command(
     values: dict = {}
     head_overrides: dict = {}
     if config_file is not None:
-        import yaml
-
-        doc = yaml.safe_load(config_file.read_text()) or {}
+        doc = _load_yaml(config_file.read_text(), f"--config {config_file}") or {}
         if not isinstance(doc, dict):
             raise SamcpError(f"{config_file} must be a YAML mapping of TrainConfig fields")
-        head_overrides.update(doc.pop("head_config", None) or {})
+        head_doc = doc.pop("head_config", None) or {}
+        if not isinstance(head_doc, dict):
+            raise SamcpError(f"{config_file}: head_config must be a mapping of head config fields")
+        head_overrides.update(head_doc)
         known = {f.name for f in fields(TrainConfig)}
         unknown = sorted(set(doc) - known)
         if unknown:
@@ -95,7 +113,7 @@ def command(
         if "=" not in item:
             raise SamcpError(f"--set {item!r} must look like KEY=VALUE")
         k, v = item.split("=", 1)
-        head_overrides[k.strip()] = _parse_value(v)
+        head_overrides[k.strip()] = _load_yaml(v, f"--set {item!r}")
     cli_values = dict(
         split=split,
         head=head,
@@ -110,11 +128,19 @@ def command(
     )
     values.update({k: v for k, v in cli_values.items() if v is not None})
     if "lr_drop" in values:
-        values["lr_drop"] = tuple(values["lr_drop"])
+        drop = values["lr_drop"]
+        values["lr_drop"] = tuple(drop) if isinstance(drop, (list, tuple)) else (drop,)
     values["head_overrides"] = {**values.get("head_overrides", {}), **head_overrides}
-    cfg = TrainConfig(
-        cache=cache, dataset=dataset, out=str(out), progress=not no_progress, **values
-    )
+    if allow_incomplete:
+        values["allow_incomplete"] = True
+    if allow_other_dataset:
+        values["allow_other_dataset"] = True
+    try:
+        cfg = TrainConfig(
+            cache=cache, dataset=dataset, out=str(out), progress=not no_progress, **values
+        )
+    except TypeError as exc:  # a YAML value of the wrong shape (e.g. lr_drop: 0.8)
+        raise SamcpError(f"bad run config: {exc}") from None
     summary = run_training(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return

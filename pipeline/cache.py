@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.files import file_sha256
+from samcp.pipeline.outputs import prepare_output_dir
 from samcp.pipeline.proposals.base import Proposals
 
 CACHE_VERSION = 1
@@ -89,20 +91,30 @@ class CachedImage:
 def init_cache(path: str | Path, attrs: dict, overwrite: bool = False) -> set[str]:
     """Creates the cache root, or checks that an existing one was made with the same settings.
 
+    Only a samcp cache is ever resumed or replaced: an existing non-empty folder that is not one
+    (a dataset, a folder of caches, the source folder itself) is refused, ``overwrite`` included.
+
     Args:
         path: cache location (a local folder, or any URL zarr understands).
         attrs: root attributes; the keys in FINGERPRINT_KEYS decide whether a resume is allowed.
-        overwrite: delete an existing cache first.
+        overwrite: replace an existing samcp cache.
 
     Returns:
         The ids of shards already complete (to be skipped).
 
     Raises:
-        SamcpError: an existing cache was made with other models, parameters or image list.
+        SamcpError: ``path`` holds something other than a samcp cache, or an existing cache was
+            made with other models, parameters or image list.
     """
     zarr = _zarr()
     attrs = {"samcp_cache_version": CACHE_VERSION, **attrs}
-    exists = _exists(path)
+    local = "://" not in str(path)
+    if local:
+        exists = prepare_output_dir(path, "cache", overwrite=overwrite, reuse=True)
+    else:
+        exists = _exists(path)
+        if exists:
+            _open_root(path)  # refuses a Zarr group that is not a samcp cache
     if exists and not overwrite:
         root = _open_root(path, mode="r+")
         old = dict(root.attrs)
@@ -114,12 +126,126 @@ def init_cache(path: str | Path, attrs: dict, overwrite: bool = False) -> set[st
                     "use another --out, or --overwrite to start it again"
                 )
         return set(complete_shards(root))
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    if exists and local:
+        # Remove only what a cache consists of; zarr's mode="w" would empty the whole folder.
+        import shutil
+
+        for name in _CACHE_ENTRIES:
+            p = Path(path) / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    root = zarr.open_group(str(path), mode="a" if local else "w", zarr_format=3)
     root.attrs.update(
         {**attrs, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     )
     root.require_group("shards")
     return set()
+
+
+# What a local cache folder holds besides lock files: replaced together by --overwrite.
+_CACHE_ENTRIES = ("shards", "zarr.json", "runs.jsonl")
+
+
+def dataset_source_attrs(source: str | Path, split: str) -> dict:
+    """The cache's ``dataset_source`` attribute: where its images came from.
+
+    ``annotations_sha256`` (of the COCO panoptic JSON of the split, or of the JSONL manifest)
+    identifies the dataset wherever it is moved; train, predict and eval compare it with the
+    dataset they are given (:func:`check_cache_source`).
+    """
+    src = Path(source).absolute()
+    if src.is_file():
+        kind, ann = "manifest", src
+    else:
+        kind, ann = "coco_panoptic", src / "annotations" / f"panoptic_{split}.json"
+    return {
+        "path": str(src),
+        "split": split,
+        "kind": kind,
+        "annotations_sha256": file_sha256(ann) if ann.is_file() else None,
+    }
+
+
+def check_cache_source(
+    reader: CacheReader,
+    annotations: str | Path,
+    image_sizes: dict[str, tuple[int, int]],
+    *,
+    allow_other: bool = False,
+    option: str = "--dataset",
+) -> None:
+    """Refuses a cache made from other data than the dataset a command was given.
+
+    Two checks: the dataset's identity (the sha256 of its panoptic JSON against the one recorded
+    by precompute; for caches without it, path and split) unless ``allow_other`` (a deliberate move
+    or re-export of the same images); and always the images themselves: the cache's images must be
+    in the dataset with the same sizes.
+
+    Args:
+        reader: the cache.
+        annotations: the COCO panoptic JSON the command reads its ground truth from.
+        image_sizes: ``image_id -> (height, width)`` of that dataset.
+        allow_other: skip the identity check (sizes are still checked).
+        option: the option that named the dataset, for messages.
+
+    Raises:
+        SamcpError: a mismatch, naming both sides and the override.
+    """
+    annotations = Path(annotations)
+    src = reader.attrs.get("dataset_source") or {}
+    override = "--allow-other-dataset"
+    if not allow_other and src.get("kind", "coco_panoptic") == "coco_panoptic":
+        recorded = src.get("annotations_sha256")
+        if recorded is not None:
+            same = file_sha256(annotations) == recorded
+        else:  # caches written before the sha was recorded
+            rec_json = Path(src.get("path", "")) / "annotations" / f"panoptic_{src.get('split')}.json"
+            same = rec_json.absolute() == annotations.absolute()
+        if not same:
+            raise SamcpError(
+                f"cache {reader.path} was made from {src.get('path')} (split "
+                f"{src.get('split')}), not from {annotations} given by {option}; pass the "
+                f"dataset the cache was made from, or {override} if it is the same images moved"
+            )
+    sizes = reader.image_sizes()
+    missing = [i for i in sizes if i not in image_sizes]
+    if len(missing) == len(sizes) and sizes:
+        raise SamcpError(
+            f"none of the {len(sizes)} images of cache {reader.path} is in {annotations}; "
+            f"pass the dataset and split the cache was made from ({src.get('path')}, "
+            f"split {src.get('split')})"
+        )
+    for image_id, hw in sizes.items():
+        if image_id in image_sizes and tuple(image_sizes[image_id]) != hw:
+            h, w = image_sizes[image_id]
+            raise SamcpError(
+                f"image {image_id} is {hw[1]}x{hw[0]} in cache {reader.path} but {w}x{h} in "
+                f"{annotations}: the cache was made from other images; pass the dataset it was "
+                "made from or re-run precompute"
+            )
+
+
+def check_cache_complete(reader: CacheReader, allow_incomplete: bool = False) -> str | None:
+    """Refuses an unfinished cache (shards missing or not complete) unless ``allow_incomplete``.
+
+    Returns:
+        None for a finished cache, else a one-line note on what is missing (to print when the
+        command goes on with ``allow_incomplete``).
+
+    Raises:
+        SamcpError: the cache is unfinished and ``allow_incomplete`` is False.
+    """
+    note = reader.unfinished_note()
+    if note is None:
+        return None
+    if not allow_incomplete:
+        raise SamcpError(
+            f"{note}; re-run the same `samcp precompute` to finish it, or pass "
+            "--allow-incomplete to go on without the missing images"
+        )
+    return note
 
 
 def _norm(v):
@@ -276,15 +402,90 @@ class CacheReader:
         self.path = str(path)
         self.root = _open_root(path)
         self.attrs = dict(self.root.attrs)
-        self.shard_ids = complete_shards(self.root)
+        try:
+            self.shard_ids = complete_shards(self.root)
+        except Exception as exc:  # a shard's zarr.json is not valid JSON / metadata
+            reason = (str(exc).strip().splitlines() or [""])[0][:160]
+            where = _unreadable_shard_dirs(path) or ["that shard's folder"]
+            raise SamcpError(
+                f"cache {path}: shard metadata cannot be read ({type(exc).__name__}: "
+                f"{reason}); delete {', '.join(where)} and re-run the same "
+                "`samcp precompute` to redo it"
+            ) from None
         self._index: dict[str, tuple[str, int]] | None = None
 
     @property
     def incomplete_shard_ids(self) -> list[str]:
         return incomplete_shards(self.root)
 
+    @property
+    def expected_images(self) -> int | None:
+        """How many images precompute planned for this cache (None for old caches)."""
+        n = (self.attrs.get("dataset") or {}).get("num_images")
+        return int(n) if n is not None else None
+
+    def unfinished_note(self) -> str | None:
+        """None if every planned image is in a complete shard, else what is missing, in words."""
+        have = len(self)
+        want = self.expected_images
+        bad = self.incomplete_shard_ids
+        if not bad and (want is None or have >= want):
+            return None
+        missing = f"{want - have} of {want} images" if want is not None else "some images"
+        parts = f"{len(bad)} shard(s) interrupted, " if bad else ""
+        return (
+            f"cache {self.path} is unfinished (precompute did not complete: {parts}{missing} "
+            "not cached)"
+        )
+
+    def image_sizes(self) -> dict[str, tuple[int, int]]:
+        """``image_id -> (height, width)`` of every row of the complete shards (failed ones too)."""
+        out: dict[str, tuple[int, int]] = {}
+        for sid in self.shard_ids:
+            g = self._shard(sid)
+            ids, hs, ws = (self._array(sid, g, n) for n in ("image_id", "height", "width"))
+            out.update({str(i): (int(h), int(w)) for i, h, w in zip(ids, hs, ws, strict=True)})
+        return out
+
+    def _shard(self, shard_id: str):
+        try:
+            return self.root["shards"][shard_id]
+        except Exception as exc:
+            raise self._damaged(shard_id, exc) from None
+
+    def shard_group(self, shard_id: str):
+        """The Zarr group of a complete shard, checked to hold every array its rows need.
+
+        Raises:
+            SamcpError: the shard lacks an array (a damaged or hand-edited cache).
+        """
+        g = self._shard(shard_id)
+        try:
+            present = set(g.array_keys())
+        except Exception as exc:
+            raise self._damaged(shard_id, exc) from None
+        declared = set(g.attrs.get("image_arrays", [])) | set(g.attrs.get("mask_arrays", []))
+        for name in (*_CORE_ARRAYS, *sorted(declared)):
+            if name not in present:
+                raise self._damaged(shard_id, KeyError(f"no array {name}"), name)
+        return g
+
+    def _array(self, shard_id: str, group, name: str) -> np.ndarray:
+        try:
+            return group[name][...]
+        except Exception as exc:
+            raise self._damaged(shard_id, exc, name) from None
+
+    def _damaged(self, shard_id: str, exc: BaseException, array: str = "") -> SamcpError:
+        what = f"array {array} of shard {shard_id}" if array else f"shard {shard_id}"
+        reason = (str(exc).strip().splitlines() or [""])[0][:120]
+        return SamcpError(
+            f"cache {self.path}: {what} cannot be read ({type(exc).__name__}: {reason}); delete "
+            f"{self.path}/shards/{shard_id} and re-run the same `samcp precompute` to redo it"
+        )
+
     def __len__(self) -> int:
-        return sum(int(self.root["shards"][s].attrs.get("num_images", 0)) for s in self.shard_ids)
+        return sum(int(self._shard(s).attrs.get("num_images", 0)) for s in self.shard_ids)
 
     def read_shard(self, shard_id: str, arrays: list[str] | None = None) -> list[CachedImage]:
         """All rows of one complete shard.
@@ -294,12 +495,16 @@ class CacheReader:
             arrays: extra arrays (e.g. ``clip_mask_embed``, ``clip_res5``) to load besides the
                 proposals; None loads every extra array present.
         """
-        g = self.root["shards"][shard_id]
-        data = {name: g[name][...] for name in _CORE_ARRAYS}
+        g = self._shard(shard_id)
+        data = {name: self._array(shard_id, g, name) for name in _CORE_ARRAYS}
         image_names = set(g.attrs.get("image_arrays", []))
         mask_names = set(g.attrs.get("mask_arrays", []))
         wanted = sorted(image_names | mask_names) if arrays is None else arrays
-        extra = {name: g[name][...] for name in wanted if name in image_names | mask_names}
+        extra = {
+            name: self._array(shard_id, g, name)
+            for name in wanted
+            if name in image_names | mask_names
+        }
         out = []
         off = data["mask_offset"]
         for i in range(len(data["image_id"])):
@@ -382,6 +587,24 @@ class CacheReader:
             raise SamcpError(f"image id {image_id!r} is not in cache {self.path}")
         s, i = self._index[image_id]
         return self.read_shard(s)[i]
+
+
+def _unreadable_shard_dirs(path: str | Path) -> list[str]:
+    """Local shard folders whose zarr.json is not a JSON object (to name them in messages)."""
+    import json
+
+    shards = Path(path) / "shards"
+    if "://" in str(path) or not shards.is_dir():
+        return []
+    bad = []
+    for d in sorted(p for p in shards.iterdir() if p.is_dir()):
+        try:
+            ok = isinstance(json.loads((d / "zarr.json").read_text()), dict)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            bad.append(str(d))
+    return bad
 
 
 _CORE_ARRAYS = (

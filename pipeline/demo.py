@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from samcp.pipeline.outputs import prepare_output_dir, write_marker
 from samcp.pipeline.precompute import PrecomputeConfig, run_precompute
 from samcp.pipeline.proposals import ProposalConfig
 from samcp.pipeline.proposals.sam import SamEverythingParams
@@ -38,7 +39,9 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 
     from samcp.pipeline.synth import make_synthetic_dataset
 
     out = Path(out)
+    prepare_output_dir(out, "demo", reuse=True)  # reruns continue; nothing else is written into
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "demo")
     t0 = time.perf_counter()
     data = out / "synth"
     if not (data / "annotations").exists():
@@ -214,13 +217,15 @@ def _viz(pred: Path, data: Path, out: Path, n: int) -> list[Path]:
     from PIL import Image
 
     from samcp.pipeline.datasets import CocoPanopticDataset, load_image_rgb
-    from samcp.pipeline.predict import render_prediction
+    from samcp.pipeline.viz import prediction_segments, render_segments
 
     out.mkdir(parents=True, exist_ok=True)
     ds = CocoPanopticDataset(data, "val2017")
     paths = []
     for rec in ds.records[:n]:
-        pic = render_prediction(pred, rec.image_id, load_image_rgb(rec.file_name))
+        pic = render_segments(
+            load_image_rgb(rec.file_name), prediction_segments(pred, rec.image_id)
+        )
         path = out / f"pred_{rec.image_id}.png"
         Image.fromarray(pic).save(path)
         paths.append(path)

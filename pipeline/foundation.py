@@ -7,7 +7,6 @@ checkpoint format (a torch state dict) and load them back through :func:`load_sa
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.files import file_sha256  # noqa: F401  (re-exported: callers import it here)
 
 
 @dataclass(frozen=True)
@@ -153,15 +153,6 @@ def load_sam(
             "is it a segment_anything .pth file?"
         ) from None
     return model.to(device).eval()
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints are gigabytes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_random_sam_checkpoint(

@@ -126,11 +126,10 @@ def summarize_cache(
     if scheduler not in ("threads", "synchronous"):
         raise SamcpError(f"unknown Dask scheduler {scheduler!r}; use threads or synchronous")
     reader = cache_io.CacheReader(path)
-    shards_group = reader.root["shards"] if "shards" in reader.root else None
     local = "://" not in str(path)
     tasks = [
         dask.delayed(_shard_stats, pure=True)(
-            shards_group[sid],
+            reader.shard_group(sid),
             sid,
             str(Path(path) / "shards" / sid) if local else None,
             dask_key_name=f"shard-stats-{sid}",

@@ -217,7 +217,7 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
         "clip": _clip_attrs(cfg.clip),
         "sam_embed": bool(cfg.store_sam_embeddings),
         "dataset": dataset_attrs(records, cfg.shard_size),
-        "dataset_source": {"path": str(cfg.source), "split": cfg.split},
+        "dataset_source": cache_io.dataset_source_attrs(cfg.source, cfg.split),
     }
     if cfg.proposals.source == "sam":
         # Fail early, in the driver, on a checkpoint that does not load (wrong file or arch).

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from samcp.pipeline.cache import STATUS_OK, CachedImage, CacheReader
+from samcp.pipeline.cache import STATUS_OK, CachedImage, CacheReader, check_cache_complete
 from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.outputs import prepare_output_dir, write_marker
 from samcp.pipeline.headdata import HeadSample, collate, make_sample
 
 NO_CLASS = -1  # "no region covers this pixel" in class-index maps
@@ -248,12 +249,10 @@ def compose_panoptic(
 
 def load_run_head(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, Any, str | None]:
     """The run's final model, else its latest checkpoint; returns (module, config, note)."""
-    from samcp.models.registry import load_head
-
     run_dir = Path(run_dir)
     final = run_dir / "model"
     if (final / "model.safetensors").is_file():
-        model, cfg = load_head(final, str(device))
+        model, cfg = _load_head_file(final, device)
         return model, cfg, None
     ckpts = sorted((run_dir / "checkpoints").glob("step_???????"))
     ckpts = [c for c in ckpts if (c / "model.safetensors").is_file()]
@@ -261,8 +260,29 @@ def load_run_head(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module,
         raise SamcpError(
             f"run {run_dir} has no model/ and no checkpoint; train it first (samcp train)"
         )
-    model, cfg = load_head(ckpts[-1], str(device))
+    model, cfg = _load_head_file(ckpts[-1], device)
     return model, cfg, f"run has no final model yet: using checkpoint {ckpts[-1].name}"
+
+
+def _load_head_file(directory: Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """``load_head`` with its failures on damaged files turned into one-line errors."""
+    from safetensors import SafetensorError
+
+    from samcp.models.registry import load_head
+
+    try:
+        return load_head(directory, str(device))
+    except SafetensorError as exc:
+        raise SamcpError(
+            f"{directory}/model.safetensors is truncated or damaged ({exc}); re-train, or "
+            "restore the file"
+        ) from None
+    except (KeyError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise SamcpError(
+            f"{directory} does not hold a loadable head ({type(exc).__name__}: {first}); "
+            "re-train, or restore its model.safetensors and config.json"
+        ) from None
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -582,7 +602,7 @@ class PredictionWriter:
         stems: Mapping[str, str] | None = None,
     ) -> None:
         out = self.out = Path(out)
-        self.tmp = out.with_name(out.name + ".tmp")
+        self.tmp = out.with_name(out.name + ".samcp-partial")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         (self.tmp / "panoptic").mkdir(parents=True)
@@ -673,9 +693,11 @@ class PredictionWriter:
         )
         write_json_atomic(self.tmp / "instances.json", self.instances)
         write_json_atomic(self.tmp / INFO_FILE, info)
+        write_marker(self.tmp, "predictions")
         old = None
         if self.out.exists():
-            old = self.out.with_name(self.out.name + ".old")
+            prepare_output_dir(self.out, "predictions", reuse=True)  # still ours, just before
+            old = self.out.with_name(self.out.name + ".samcp-old")
             if old.exists():
                 shutil.rmtree(old)
             os.replace(self.out, old)
@@ -692,16 +714,6 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
     from PIL import Image
 
     Image.fromarray(arr).save(path)
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise SamcpError(f"--out {out} is a file; pass a folder for the predictions")
-    if out.is_dir() and any(out.iterdir()) and not (out / "panoptic.json").is_file():
-        raise SamcpError(
-            f"--out {out} exists and is not a samcp prediction folder; pass another --out "
-            "(an earlier prediction folder is replaced)"
-        )
 
 
 def _batches(rows: Iterator[CachedImage], size: int) -> Iterator[list[CachedImage]]:
@@ -730,6 +742,7 @@ def predict_run(
     batch_size: int = 4,
     file_stems: Mapping[str, str] | None = None,
     progress: bool = True,
+    allow_incomplete: bool = False,
 ) -> Path:
     """Predicts every image of a cache with a trained run and writes a prediction folder.
 
@@ -749,6 +762,8 @@ def predict_run(
         file_stems: ``image_id -> PNG stem``; default the cache's source dataset's PNG names
             (so `samcp eval` finds the semantic PNGs), else the image id.
         progress: show a progress bar on stderr.
+        allow_incomplete: predict an unfinished cache (a note names what is missing) instead
+            of refusing it.
 
     Returns:
         ``out_dir``.
@@ -756,11 +771,12 @@ def predict_run(
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    _check_out(out)
+    prepare_output_dir(out, "predictions", reuse=True)  # an earlier prediction folder is replaced
     params = PanopticParams(score_thresh, overlap_thresh, int(stuff_area_min))
     if batch_size < 1:
         raise SamcpError(f"--batch-size {batch_size} must be at least 1")
     reader = CacheReader(cache)
+    unfinished = check_cache_complete(reader, allow_incomplete)
     predictor = Predictor.from_run(
         run_dir,
         reader.attrs,
@@ -771,6 +787,8 @@ def predict_run(
     )
     labels = predictor.labels
     notes = list(predictor.notes)
+    if unfinished:
+        notes.append(f"{unfinished}: only the {len(reader)} cached images are predicted")
     if not reader.shard_ids:
         raise SamcpError(f"cache {cache} has no complete shard; run samcp precompute first")
     stems = dict(file_stems) if file_stems is not None else _default_stems(reader.attrs)
@@ -844,82 +862,3 @@ def prediction_notes(pred_dir: str | Path) -> list[str]:
         return []
     return list(_read_json(path, INFO_FILE).get("notes", []))
 
-
-# ----------------------------------------------------------------------------------------------
-# Visualisation.
-# ----------------------------------------------------------------------------------------------
-
-
-def render_prediction(
-    pred_dir: str | Path, image_id: str | int, image: np.ndarray, alpha: float = 0.5
-) -> np.ndarray:
-    """The panoptic prediction of one image drawn over it, segments coloured by class.
-
-    Args:
-        pred_dir: a prediction folder.
-        image_id: the image's id (compared as a string).
-        image: (H, W, 3) uint8 RGB pixels of that image.
-        alpha: fill opacity.
-
-    Returns:
-        (H, W, 3) uint8 RGB.
-    """
-    from samcp.pipeline.evaluation.formats import load_predictions, read_panoptic_png
-
-    pred = load_predictions(Path(pred_dir))
-    ann = pred.annotations.get(str(image_id))
-    if ann is None:
-        raise SamcpError(f"image {image_id} has no prediction in {pred_dir}")
-    ids = read_panoptic_png(pred.png_dir / ann["file_name"])
-    image = np.asarray(image)
-    if image.shape[:2] != ids.shape:
-        raise SamcpError(
-            f"image is {image.shape[1]}x{image.shape[0]} but its prediction is "
-            f"{ids.shape[1]}x{ids.shape[0]}"
-        )
-    cats = _read_json(pred.root / "panoptic.json", "panoptic.json").get("categories") or []
-    cat_index = {int(c["id"]): i for i, c in enumerate(cats)}
-    names = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
-    segs = [s for s in ann["segments_info"] if (ids == int(s["id"])).any()]
-    masks = (
-        np.stack([ids == int(s["id"]) for s in segs]) if segs else np.zeros((0, *ids.shape), bool)
-    )
-    labels = [names.get(int(s["category_id"]), str(s["category_id"])) for s in segs]
-    try:
-        from samcp.pipeline.viz import mask_colors, render_overlay
-    except ImportError:  # pragma: no cover - viz is part of the package; plain blend otherwise
-        return _plain_overlay(image, masks, alpha)
-    palette = mask_colors(max(len(cats), 1))
-    colors = []
-    for s in segs:
-        i = cat_index.get(int(s["category_id"]))
-        color = cats[i].get("color") if i is not None else None
-        colors.append(color or palette[(i or 0) % len(palette)])
-    colors = np.asarray(colors, np.uint8).reshape(len(segs), 3)
-    return render_overlay(image, masks, alpha=alpha, outline=True, colors=colors, labels=labels)
-
-
-def _plain_overlay(image: np.ndarray, masks: np.ndarray, alpha: float) -> np.ndarray:
-    out = image.astype(np.float32).copy()
-    rng = np.random.default_rng(0)
-    for m in masks:
-        out[m] = (1 - alpha) * out[m] + alpha * rng.integers(0, 256, 3)
-    return out.astype(np.uint8)
-
-
-__all__ = [
-    "ImageOutput",
-    "LabelSpace",
-    "PanopticParams",
-    "PredictionWriter",
-    "Predictor",
-    "compose_panoptic",
-    "gt_file_stems",
-    "predict_run",
-    "prediction_notes",
-    "render_prediction",
-    "semantic_label_map",
-    "union_rle",
-    "vocabulary_label_space",
-    "vocabulary_text_embed",
-]

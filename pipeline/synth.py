@@ -37,6 +37,7 @@ from scipy import ndimage
 from skimage.draw import polygon2mask
 
 from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.outputs import prepare_output_dir, write_marker
 
 DEFAULT_NUM_TRAIN = 40
 DEFAULT_NUM_VAL = 20
@@ -479,7 +480,8 @@ def make_synthetic_dataset(
     interrupted run never leaves something at ``out`` that looks complete.
 
     Args:
-        out: Destination folder. Must not exist or be empty, unless ``overwrite``.
+        out: Destination folder. Must not exist or be empty, unless ``overwrite`` and it holds
+            a synthetic dataset made by samcp (nothing else is ever replaced).
         seed: Seed; the same seed gives byte-identical files.
         num_train: Number of train2017 images.
         num_val: Number of val2017 images.
@@ -489,7 +491,7 @@ def make_synthetic_dataset(
         max_instances: Most thing instances drawn per image.
         crowd_fraction: Fraction of images per split that get one crowd region (iscrowd=1);
             at least one image per split gets one when this is > 0.
-        overwrite: Replace an existing non-empty ``out``.
+        overwrite: Replace an existing synthetic dataset at ``out``.
         progress: Optional callback receiving one short line per finished split.
 
     Returns:
@@ -500,10 +502,7 @@ def make_synthetic_dataset(
     """
     out = Path(out).absolute()
     _validate(num_train, num_val, height, width, min_instances, max_instances, crowd_fraction)
-    if out.exists() and not out.is_dir():
-        raise SamcpError(f"{out} is a file; pass a folder path for the synthetic dataset")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SamcpError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    prepare_output_dir(out, "dataset", overwrite=overwrite, option="OUT")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -516,6 +515,7 @@ def make_synthetic_dataset(
             if progress is not None:
                 progress(f"{split}: {num} images")
         (tmp / "classes.txt").write_text(classes_txt())
+        write_marker(tmp, "dataset")
         if out.exists():
             # Move the old folder aside first so the swap is two renames, not a slow delete
             # during which `out` is half gone.

@@ -36,6 +36,7 @@ import torch
 
 from samcp.pipeline.cache import CacheReader
 from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.outputs import MARKER, prepare_output_dir, write_marker
 from samcp.pipeline.headdata import (
     ClassSpace,
     HeadSample,
@@ -70,6 +71,9 @@ class TrainConfig:
     device: "auto", "cpu" or "cuda".
     log_every, ckpt_every: steps between log lines / checkpoints.
     memo_images: keep up to this many prepared samples in memory (small sets train much faster).
+    allow_incomplete: train on an unfinished cache (the missing images are counted and reported).
+    allow_other_dataset: skip the check that the cache was made from ``dataset`` (for the same
+        images moved or re-exported; image sizes are still checked).
     """
 
     cache: str
@@ -95,14 +99,81 @@ class TrainConfig:
     ckpt_every: int = 500
     memo_images: int = 5000
     progress: bool = True
+    allow_incomplete: bool = False
+    allow_other_dataset: bool = False
+
+    def validate(self) -> None:
+        """Refuses settings that cannot train, before anything is read or written.
+
+        Raises:
+            SamcpError: naming the setting and its allowed range.
+        """
+        from samcp.models.registry import HEADS
+
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+                raise SamcpError(
+                    f"{name} = {value!r} is a {type(value).__name__}; it must be a "
+                    f"{kind.__name__ if isinstance(kind, type) else 'number'}"
+                )
+        if not all(isinstance(f, (int, float)) for f in self.lr_drop):
+            raise SamcpError(f"lr_drop = {self.lr_drop!r} must be a list of fractions in (0, 1)")
+        if self.head not in HEADS:
+            raise SamcpError(
+                f"unknown head {self.head!r}; use --head with one of: {', '.join(sorted(HEADS))}"
+            )
+        checks = [
+            ("steps", self.steps >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number such as 2e-4"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+            ("clip_grad", math.isfinite(self.clip_grad) and self.clip_grad >= 0, ">= 0"),
+            ("max_patches", self.max_patches >= 1, ">= 1"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+            ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
+            ("memo_images", self.memo_images >= 0, ">= 0"),
+            ("lr_drop", all(0 < f < 1 for f in self.lr_drop), "fractions in (0, 1)"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise SamcpError(f"{name} = {getattr(self, name)!r} is invalid; it must be {want}")
+        resolve_device(self.device)
+
+
+# The type every scalar TrainConfig field must have (YAML configs can give anything).
+_FIELD_TYPES: dict[str, Any] = {
+    "cache": str, "dataset": str, "out": str, "split": str, "head": str, "preset": str,
+    "templates": str, "device": str, "steps": int, "batch_size": int, "max_patches": int,
+    "seed": int, "log_every": int, "ckpt_every": int, "memo_images": int,
+    "lr": (int, float), "weight_decay": (int, float), "clip_grad": (int, float),
+    "flip": bool, "progress": bool, "allow_incomplete": bool, "allow_other_dataset": bool,
+    "head_overrides": dict,
+}
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when visible), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        SamcpError: another name, or CUDA asked for but not visible.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SamcpError("--device cuda but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SamcpError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SamcpError("--device cuda but no CUDA device is visible; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SamcpError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    return device
 
 
 def head_config_for_cache(cfg: TrainConfig, cache_attrs: dict):
@@ -281,6 +352,7 @@ def run_training(
         stop_after: end after this step (interrupted-run tests).
         sampler_cls: a CacheSampler subclass (benchmarks swap how samples are made).
     """
+    cfg.validate()
     dist, device = _setup_distributed(cfg)
     try:
         return _train(cfg, resume, stop_after, sampler_cls, dist, device)
@@ -292,11 +364,31 @@ def _train(cfg, resume, stop_after, sampler_cls, dist: _Dist, device: torch.devi
     from samcp.models.registry import build_head, save_head
     from samcp.pipeline.datasets import CocoPanopticDataset
 
+    from samcp.pipeline.cache import check_cache_complete, check_cache_source
+
+    # Everything that can be refused is checked before the run folder is touched.
     out = Path(cfg.out)
+    prepare_output_dir(out, "run", reuse=True)
     reader = CacheReader(cfg.cache)
+    note = check_cache_complete(reader, cfg.allow_incomplete)
+    if note and dist.main:
+        print(f"warning: {note}; training on the {len(reader)} cached images", file=sys.stderr)
     dataset = CocoPanopticDataset(Path(cfg.dataset), cfg.split)
+    check_cache_source(
+        reader,
+        dataset.json_path,
+        {r.image_id: (r.height, r.width) for r in dataset.records},
+        allow_other=cfg.allow_other_dataset,
+    )
     classes = ClassSpace(dataset.categories)
     head_cfg = head_config_for_cache(cfg, reader.attrs)
+    torch.manual_seed(cfg.seed)
+    model = build_head(cfg.head, head_cfg).to(device)
+    criterion = _criterion(cfg.head, head_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    milestones = sorted({max(1, int(f * cfg.steps)) for f in cfg.lr_drop})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    sampler = (sampler_cls or CacheSampler)(reader, dataset, classes, head_cfg, cfg)
     _check_run_folder(out, cfg, head_cfg, resume, dist.world)  # every rank, before any write
     dist.barrier()
 
@@ -313,12 +405,6 @@ def _train(cfg, resume, stop_after, sampler_cls, dist: _Dist, device: torch.devi
         text = torch.empty(len(classes), reader.attrs["clip"]["embed_dim"], device=device)
     dist.broadcast(text)
 
-    torch.manual_seed(cfg.seed)
-    model = build_head(cfg.head, head_cfg).to(device)
-    criterion = _criterion(cfg.head, head_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    milestones = sorted({max(1, int(f * cfg.steps)) for f in cfg.lr_drop})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     start = 0
     if resume:
         start = _load_latest(out, model, opt, sched)  # every rank loads the same checkpoint
@@ -327,7 +413,6 @@ def _train(cfg, resume, stop_after, sampler_cls, dist: _Dist, device: torch.devi
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    sampler = (sampler_cls or CacheSampler)(reader, dataset, classes, head_cfg, cfg)
     sampler.rank, sampler.world_size = dist.rank, dist.world
     logger = _MetricLogger(out, enabled_tb=True) if dist.main else None
     from tqdm.auto import tqdm
@@ -481,6 +566,12 @@ def _check_run_folder(
     out: Path, cfg: TrainConfig, head_cfg, resume: bool, world_size: int = 1
 ) -> None:
     saved = out / "train_config.json"
+    if saved.exists() and not resume and _latest_step(out) == 0 and not (out / "model").exists():
+        # A run that failed before its first checkpoint holds nothing worth keeping: a rerun
+        # starts cleanly instead of being blocked by it.
+        if world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
+            _clear_unstarted_run(out)
+        return
     if not saved.exists():
         if resume:
             raise SamcpError(f"nothing to resume in {out}; start a run without --resume")
@@ -504,6 +595,24 @@ def _check_run_folder(
         )
 
 
+# What a run folder holds (all written by samcp): cleared when a run never reached a checkpoint.
+_RUN_ENTRIES = (
+    "train_config.json", "classes.json", "text_embed.safetensors", "metrics.jsonl", "tb",
+    "checkpoints", MARKER,
+)
+
+
+def _clear_unstarted_run(out: Path) -> None:
+    import shutil
+
+    for name in _RUN_ENTRIES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def _config_json(cfg: TrainConfig, head_cfg) -> dict:
     d = json.loads(json.dumps(asdict(cfg), default=str))
     d["head_config"] = json.loads(json.dumps(head_cfg.to_dict()))
@@ -517,6 +626,7 @@ def _write_run_files(
 
     d = _config_json(cfg, head_cfg)
     d["world_size"] = world_size
+    write_marker(out, "run")
     (out / "train_config.json").write_text(json.dumps(d, indent=2))
     (out / "classes.json").write_text(json.dumps(classes.categories, indent=1))
     save_file({"text_embed": text.detach().cpu().contiguous()}, str(out / "text_embed.safetensors"))

@@ -24,7 +24,6 @@ from samcp.pipeline.predict import (
     compose_panoptic,
     predict_run,
     prediction_notes,
-    render_prediction,
     semantic_label_map,
 )
 
@@ -277,7 +276,7 @@ def test_predict_writes_a_complete_consistent_folder(setup, tmp_path):
 
 def test_refuses_a_foreign_output_folder(setup, tmp_path):
     (tmp_path / "data.txt").write_text("mine")
-    with pytest.raises(SamcpError, match="not a samcp prediction folder"):
+    with pytest.raises(SamcpError, match="samcp did not make"):
         predict_run(setup["run"], setup["cache"], tmp_path, progress=False)
     assert (tmp_path / "data.txt").read_text() == "mine"
 
@@ -384,10 +383,12 @@ def test_open_vocabulary_category_ids_and_thing_stuff(setup, tmp_path):
         predict_run(
             setup["run"], setup["cache"], tmp_path / "x", vocabulary=str(voc), progress=False
         )
-    assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.samcp-partial").exists()
 
 
 def test_render_prediction_colours_segments(setup, tmp_path):
+    from samcp.pipeline.viz import prediction_segments, render_segments
+
     out = predict_run(
         setup["run"],
         setup["cache"],
@@ -398,12 +399,12 @@ def test_render_prediction_colours_segments(setup, tmp_path):
     )
     ann = json.loads((out / "panoptic.json").read_text())["annotations"][0]
     image = np.full((H, W, 3), 128, np.uint8)
-    drawn = render_prediction(out, ann["image_id"], image)
+    drawn = render_segments(image, prediction_segments(out, str(ann["image_id"])))
     ids = read_panoptic_png(out / "panoptic" / ann["file_name"])
     assert drawn.shape == (H, W, 3) and drawn.dtype == np.uint8
     assert (drawn[ids > 0] != 128).any(axis=-1).all()
     with pytest.raises(SamcpError, match="no prediction"):
-        render_prediction(out, "nope", image)
+        prediction_segments(out, "nope")
 
 
 def test_viz_pred_draws_a_prediction_over_the_image(setup, tmp_path):
@@ -411,7 +412,7 @@ def test_viz_pred_draws_a_prediction_over_the_image(setup, tmp_path):
 
     from samcp.cli.main import main as samcp_main
     from samcp.pipeline.cache import CacheReader
-    from samcp.pipeline.viz import find_image
+    from samcp.pipeline.viz import find_image, prediction_segments, render_segments
 
     out = predict_run(
         setup["run"],
@@ -426,7 +427,7 @@ def test_viz_pred_draws_a_prediction_over_the_image(setup, tmp_path):
     samcp_main(["viz", str(setup["cache"]), str(image_id), "--pred", str(out), "--out", str(png)])
     reader = CacheReader(setup["cache"])
     pixels, _ = find_image(reader, reader.get(str(image_id)))
-    want = render_prediction(out, image_id, pixels)
+    want = render_segments(pixels, prediction_segments(out, str(image_id)))
     np.testing.assert_array_equal(np.asarray(Image.open(png).convert("RGB")), want)
 
 

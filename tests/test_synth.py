@@ -64,7 +64,8 @@ def test_same_seed_gives_byte_identical_files(small, tmp_path):
     again = make_synthetic_dataset(tmp_path / "again", seed=0, **SMALL)
     a, b = _all_files(small), _all_files(again)
     assert sorted(a) == sorted(b)
-    assert len(a) == 1 + 2 * (1 + 3 * 3)  # classes.txt + per split: json, 3 x (jpg, pan, sem)
+    # classes.txt + the .samcp-output marker + per split: json, 3 x (jpg, pan, sem)
+    assert len(a) == 2 + 2 * (1 + 3 * 3)
     for name in a:
         assert a[name] == b[name], name
 
@@ -92,6 +93,7 @@ def test_val_images_do_not_depend_on_num_train(small, tmp_path):
 
 def test_exact_coco_panoptic_layout(small):
     assert sorted(p.name for p in small.iterdir()) == [
+        ".samcp-output",
         "annotations",
         "classes.txt",
         "semantic_train2017",
@@ -281,11 +283,16 @@ def test_refuses_non_empty_out_without_overwrite(small, tmp_path):
     with pytest.raises(SamcpError, match="overwrite"):
         make_synthetic_dataset(out, **SMALL)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    # --overwrite replaces only a dataset samcp wrote: a folder it did not make is never emptied.
+    with pytest.raises(SamcpError, match="samcp did not make"):
+        make_synthetic_dataset(out, seed=0, overwrite=True, **SMALL)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
-    make_synthetic_dataset(out, seed=0, overwrite=True, **SMALL)
-    assert not (out / "keep.txt").exists()
-    assert _all_files(out) == _all_files(small)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no .old / .tmp leftovers
+    ours = tmp_path / "ours"
+    make_synthetic_dataset(ours, seed=5, **SMALL)
+    make_synthetic_dataset(ours, seed=0, overwrite=True, **SMALL)
+    assert _all_files(ours) == _all_files(small)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ours"]  # no .old / .tmp left
 
 
 def test_empty_out_folder_is_fine(tmp_path):
