@@ -70,7 +70,8 @@ from samcp.pipeline.errors import SamcpError
 @click.option(
     "--oracle-out",
     type=click.Path(path_type=Path),
-    help="Keep the oracle's prediction folder here (default: a temporary folder).",
+    help="Keep the oracle's prediction folder here (default: a temporary folder). It must be "
+    "new, empty or an oracle folder samcp wrote, which is replaced.",
 )
 @click.option(
     "--json",
@@ -90,6 +91,12 @@ from samcp.pipeline.errors import SamcpError
 @click.option(
     "--workers", type=int, default=None, help="Processes for per-image work [default: all cores]."
 )
+@click.option(
+    "--allow-other-dataset",
+    is_flag=True,
+    help="Accept a --cache/--oracle cache recorded as made from another dataset than the ground "
+    "truth (the same images moved); image sizes are still checked.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def command(
     gt_path: Path | None,
@@ -106,6 +113,7 @@ def command(
     per_class: bool,
     semantic_rule: str,
     workers: int | None,
+    allow_other_dataset: bool,
     no_progress: bool,
 ) -> None:
     """Evaluate predictions (a --pred folder, or a --run predicted on a --cache, or the proposal
@@ -113,11 +121,14 @@ def command(
     from samcp.pipeline.evaluation import (
         build_oracle_predictions,
         cache_proposals,
+        check_cache_covers,
         evaluate,
         format_report,
         resolve_ground_truth,
+        unfinished_cache_note,
     )
     from samcp.pipeline.evaluation.formats import write_json_atomic
+    from samcp.pipeline.outputs import check_out_file, prepare_output_dir
 
     if sum(x is not None for x in (pred_dir, oracle_cache, run_dir)) != 1:
         raise SamcpError(
@@ -127,6 +138,13 @@ def command(
         raise SamcpError("--run and --cache go together: pass both, or neither")
     if workers is not None and workers < 1:
         raise SamcpError(f"--workers {workers} must be at least 1")
+    if oracle_out is not None and oracle_cache is None:
+        raise SamcpError("--oracle-out goes with --oracle CACHE; drop it or pass --oracle")
+    # Destinations are checked before any work, so a typo does not cost a whole evaluation.
+    if json_out is not None:
+        check_out_file(json_out, "--json")
+    if oracle_out is not None:
+        prepare_output_dir(oracle_out, "oracle", reuse=True, option="--oracle-out")
     workers = workers or os.cpu_count() or 1
     if gt_path is None:
         if run_cache is None:
@@ -136,10 +154,17 @@ def command(
     gt_json, gt_png_dir = resolve_ground_truth(gt_path, split or "val2017")
     progress = not no_progress
 
+    from samcp.pipeline.cache import check_cache_matches_annotations
+
+    for cache in (run_cache, oracle_cache):
+        if cache is not None:  # never score a cache made from other images against this GT
+            check_cache_matches_annotations(cache, gt_json, allow_other=allow_other_dataset)
+
     if run_dir is not None:
         from samcp.pipeline.predict import gt_file_stems, predict_run, prediction_notes
 
         assert run_cache is not None
+        check_cache_covers(run_cache, gt_json, gt_png_dir)
         pred_dir = predict_run(
             run_dir,
             run_cache,
@@ -152,7 +177,9 @@ def command(
 
     with tempfile.TemporaryDirectory(prefix="samcp-oracle-") as tmp:
         oracle_stats = None
+        unfinished = None
         if oracle_cache is not None:
+            unfinished = unfinished_cache_note(oracle_cache)
             pred_dir = oracle_out or Path(tmp) / "oracle"
             oracle_stats = build_oracle_predictions(
                 gt_json,
@@ -175,12 +202,16 @@ def command(
     if run_dir is not None:
         report.notes[:0] = [f"predictions of {run_dir}: {pred_dir}", *prediction_notes(pred_dir)]
     if oracle_stats is not None:
-        report.notes.insert(
-            0,
+        note = (
             f"oracle of {oracle_cache}: {oracle_stats.assigned}/{oracle_stats.proposals} "
             f"proposals assigned (IoP > {oracle_threshold}); "
-            f"{oracle_stats.images_without_proposals} images without proposals",
+            f"{oracle_stats.images_without_proposals} images without proposals"
         )
+        if unfinished is not None and oracle_stats.images_not_in_source:
+            note += f", {oracle_stats.images_not_in_source} of them missing because {unfinished}"
+        elif unfinished is not None:
+            note += f"; {unfinished}"
+        report.notes.insert(0, note)
     click.echo(format_report(report, per_class=per_class))
     if json_out is not None:
         out = report.to_dict(per_class=per_class)
@@ -193,6 +224,7 @@ def command(
             else {
                 "cache": str(oracle_cache),
                 "threshold": oracle_threshold,
+                "unfinished": unfinished,
                 **oracle_stats.__dict__,
             }
         )

@@ -14,7 +14,13 @@ from samcp.pipeline.evaluation.formats import (
     write_panoptic_png,
 )
 from samcp.pipeline.evaluation.instance import InstanceResult, evaluate_instances
-from samcp.pipeline.evaluation.oracle import OracleStats, build_oracle_predictions, cache_proposals
+from samcp.pipeline.evaluation.oracle import (
+    OracleStats,
+    build_oracle_predictions,
+    cache_proposals,
+    check_cache_covers,
+    unfinished_cache_note,
+)
 from samcp.pipeline.evaluation.panoptic import (
     PanopticResult,
     PQCounts,
@@ -39,6 +45,7 @@ __all__ = [
     "Predictions",
     "SemanticResult",
     "build_oracle_predictions",
+    "check_cache_covers",
     "count_pairs",
     "evaluate",
     "evaluate_instances",
@@ -52,5 +59,6 @@ __all__ = [
     "resolve_ground_truth",
     "rgb_to_id",
     "semantic_metrics",
+    "unfinished_cache_note",
     "write_panoptic_png",
 ]

@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from samcp.pipeline.errors import SamcpError
-from samcp.pipeline.evaluation.formats import Category
+from samcp.pipeline.evaluation.formats import Category, check_instance_results
 
 # COCOeval.stats order for iouType "segm".
 AP_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -135,31 +135,31 @@ def prepare_detections(
     *,
     source: str = "instances.json",
 ) -> tuple[dict[str, list[dict[str, Any]]], int]:
-    """Validates COCO results and groups them by image, with pycocotools keys.
+    """Checks COCO results against the ground truth and groups them by image, with pycocotools
+    keys.
+
+    The results' fields must already have been checked by
+    :func:`~samcp.pipeline.evaluation.formats.check_instance_results` (the loaders and
+    :func:`evaluate_instances` do).
 
     Returns:
         ``str(image_id) -> detections`` and the number of stuff detections left out.
 
     Raises:
-        SamcpError: If a detection names an unknown image or category, lacks fields, or has a
-            mask of the wrong size.
+        SamcpError: If a detection names an unknown image or category, or has a mask of the
+            wrong size.
     """
     by_id = {c.id: c for c in categories}
     out: dict[str, list[dict[str, Any]]] = {}
     ignored_stuff = 0
+    # The fields were checked where the results entered (check_instance_results).
     for i, d in enumerate(detections):
-        try:
-            img = str(d["image_id"])
-            cid = int(d["category_id"])
-            seg = d["segmentation"]
-            score = float(d["score"])
-            size = [int(v) for v in seg["size"]]
-            counts = seg["counts"]
-        except (KeyError, TypeError, ValueError):
-            raise SamcpError(
-                f"{source}: result {i} needs image_id, category_id, score and an RLE segmentation "
-                "{size, counts}"
-            ) from None
+        img = str(d["image_id"])
+        cid = int(d["category_id"])
+        seg = d["segmentation"]
+        score = float(d["score"])
+        size = [int(v) for v in seg["size"]]
+        counts = seg["counts"]
         if img not in keys.images:
             raise SamcpError(
                 f"{source}: result {i} has image_id {img} that is not in the ground truth"
@@ -321,9 +321,10 @@ def evaluate_instances(
         The AP metrics, or None when the ground truth has no thing category.
 
     Raises:
-        SamcpError: If a detection names an unknown image or category, lacks fields, or has a
-            mask of the wrong size.
+        SamcpError: If a detection names an unknown image or category, lacks fields, has a
+            score that is not a finite number, or has a mask of the wrong size.
     """
+    check_instance_results(detections, source)
     keys = make_keys(list(gt_instances), image_sizes, categories)
     if keys is None:
         return None

@@ -22,6 +22,8 @@ Choices (documented in docs/eval.md):
 from __future__ import annotations
 
 import multiprocessing
+import os
+import secrets
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -45,6 +47,7 @@ from samcp.pipeline.evaluation.formats import (
     write_panoptic_png,
 )
 from samcp.pipeline.evaluation.instance import encode_mask
+from samcp.pipeline.outputs import prepare_output_dir, write_marker
 
 ProposalSource = (
     Mapping[str, Sequence[Mapping[str, Any]]] | Iterable[tuple[str, Sequence[Mapping[str, Any]]]]
@@ -61,12 +64,15 @@ class OracleStats:
             as all void, so they count against the oracle).
         proposals: Proposals read.
         assigned: Proposals assigned to a ground-truth segment.
+        images_not_in_source: Of ``images_without_proposals``, those the proposal source does
+            not list at all (not even as a failed row), e.g. because a cache is unfinished.
     """
 
     images: int
     images_without_proposals: int
     proposals: int
     assigned: int
+    images_not_in_source: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,17 +209,45 @@ def _iter_pairs(proposals: ProposalSource) -> Iterator[tuple[str, Sequence[Mappi
         yield from proposals
 
 
-def _prepare_out(out_dir: Path) -> Path:
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "panoptic.json").is_file():
-        raise SamcpError(
-            f"{out_dir}: exists and is not a prediction folder; choose an empty or new folder"
-        )
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / "panoptic").mkdir(parents=True)
+def _prepare_out(out_dir: Path, option: str) -> Path:
+    """Checks that the oracle may write ``out_dir`` and makes a fresh staging folder beside it.
+
+    Only a missing or empty folder, or an oracle folder samcp wrote, is accepted; the staging
+    folder is new (never an existing path), so nothing of the user's is ever deleted.
+    """
+    prepare_output_dir(out_dir, "oracle", reuse=True, option=option)
+    out_dir = out_dir.absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _fresh_path(out_dir, "partial")
+    staging.mkdir()  # fails rather than reuse anything already there
+    (staging / "panoptic").mkdir()
     (staging / "semantic").mkdir()
     return staging
+
+
+def _fresh_path(out_dir: Path, what: str) -> Path:
+    """A hidden path beside ``out_dir`` that does not exist yet."""
+    while True:
+        path = out_dir.with_name(f".{out_dir.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
+        if not path.exists():
+            return path
+
+
+def _publish(staging: Path, out_dir: Path, option: str) -> None:
+    """Moves the finished staging folder to ``out_dir``, replacing an oracle folder there."""
+    # Checked again: the folder may have changed while the oracle ran.
+    replace = prepare_output_dir(out_dir, "oracle", reuse=True, option=option)
+    write_marker(staging, "oracle")
+    if replace:
+        old = _fresh_path(out_dir.absolute(), "old")
+        old.mkdir()
+        out_dir.rename(old / "oracle")
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if out_dir.is_dir():  # empty
+            out_dir.rmdir()
+        staging.rename(out_dir)
 
 
 def build_oracle_predictions(
@@ -225,6 +259,7 @@ def build_oracle_predictions(
     threshold: float = 0.5,
     workers: int = 1,
     progress: bool = False,
+    option: str = "--oracle-out",
 ) -> OracleStats:
     """Writes the oracle's prediction folder for a ground truth and a set of proposals.
 
@@ -234,24 +269,27 @@ def build_oracle_predictions(
         proposals: ``image_id -> COCO RLE proposals`` (a mapping, or an iterable of pairs such as a
             cache reader's rows), at the original image size.
         out_dir: Prediction folder to write (panoptic.json, panoptic/, semantic/, instances.json).
-            It is written beside and moved into place when complete; an existing prediction
-            folder there is replaced.
+            It is written beside and moved into place when complete. It must be missing, empty
+            or an oracle folder samcp wrote (which is replaced); any other folder is refused,
+            never deleted.
         threshold: Minimum intersection-over-proposal (exclusive) to assign a proposal.
         workers: Processes; 1 runs in-process.
         progress: Show a tqdm bar on stderr.
+        option: The option that named ``out_dir``, for messages.
 
     Returns:
         Counts of what was done.
 
     Raises:
-        SamcpError: If a proposal names an image that is not in the ground truth, an image
-            appears twice, or a proposal's size differs from its image's.
+        SamcpError: If ``out_dir`` may not be written, a proposal names an image that is not in
+            the ground truth, an image appears twice, or a proposal's size differs from its
+            image's.
     """
     if not 0.0 <= threshold < 1.0:
         raise SamcpError(f"oracle threshold {threshold} must be in [0, 1)")
     gt = load_ground_truth(Path(gt_json), gt_png_dir)
     out_dir = Path(out_dir)
-    staging = _prepare_out(out_dir)
+    staging = _prepare_out(out_dir, option)
     by_id = {str(a["image_id"]): a for a in gt.annotations}
     ctx = _OracleContext(
         tuple(gt.categories), threshold, str(staging), len(gt.categories) < IGNORE_LABEL
@@ -272,9 +310,13 @@ def build_oracle_predictions(
             [dict(r) for r in rles],
         )
 
+    not_in_source = 0
+
     def tasks() -> Iterator[_OracleTask]:
+        nonlocal not_in_source
         for image_id, rles in _iter_pairs(proposals):
             yield task(str(image_id), rles)
+        not_in_source = len(by_id) - len(seen)
         for image_id in by_id:
             if image_id not in seen:
                 yield task(image_id, [])
@@ -325,16 +367,17 @@ def build_oracle_predictions(
         )
         instances_all.extend(instances)
     categories = [{"id": c.id, "name": c.name, "isthing": int(c.isthing)} for c in gt.categories]
-    write_json_atomic(
-        staging / "panoptic.json", {"annotations": annotations, "categories": categories}
-    )
-    write_json_atomic(staging / "instances.json", instances_all)
-    if not ctx.write_semantic:
-        shutil.rmtree(staging / "semantic")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return OracleStats(len(by_id), len(by_id) - covered, n_props, n_assigned)
+    try:
+        write_json_atomic(
+            staging / "panoptic.json", {"annotations": annotations, "categories": categories}
+        )
+        write_json_atomic(staging / "instances.json", instances_all)
+        if not ctx.write_semantic:
+            shutil.rmtree(staging / "semantic")
+        _publish(staging, out_dir, option)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return OracleStats(len(by_id), len(by_id) - covered, n_props, n_assigned, not_in_source)
 
 
 def _run_task(t: _OracleTask) -> tuple[str, tuple[str, list[dict], list[dict], int, int] | None]:
@@ -350,3 +393,51 @@ def cache_proposals(cache: str | Path) -> Iterator[tuple[str, list[dict]]]:
 
     for row in CacheReader(cache).iter_images(include_failed=True):
         yield str(row.image_id), (row.rles if int(row.status) == 0 else [])
+
+
+def unfinished_cache_note(cache: str | Path) -> str | None:
+    """Says that a proposal cache is unfinished (its precompute stopped early), else None.
+
+    A cache is unfinished when a shard group was left without ``complete=true`` (a worker
+    stopped mid-write) or, where precompute recorded how many images it planned, when the
+    complete shards hold fewer. Readers skip such shards, so their images have no proposals.
+
+    Returns:
+        A one-line message naming the cache, what is missing and the fix, or None.
+    """
+    from samcp.pipeline.cache import CacheReader
+
+    note = CacheReader(cache).unfinished_note()
+    return None if note is None else f"{note}; re-run the same `samcp precompute` to finish it"
+
+
+def check_cache_covers(cache: str | Path, gt_json: Path, gt_png_dir: Path | None = None) -> None:
+    """Refuses to predict for evaluation from an unfinished proposal cache.
+
+    Predictions of an unfinished cache lack the images it does not hold, so the evaluation could
+    not be complete; checking before any prediction is made lets the message name the cause (and
+    how many ground-truth images are affected) instead of a missing prediction.
+
+    Args:
+        cache: The proposal cache to predict from.
+        gt_json: The ground-truth panoptic JSON.
+        gt_png_dir: Its PNG folder.
+
+    Raises:
+        SamcpError: The cache is unfinished.
+    """
+    note = unfinished_cache_note(cache)
+    if note is None:
+        return
+    from samcp.pipeline.cache import CacheReader
+
+    reader = CacheReader(cache)
+    cached = reader.image_sizes()
+    wanted = [str(a["image_id"]) for a in load_ground_truth(gt_json, gt_png_dir).annotations]
+    lacking = [i for i in wanted if i not in cached]
+    if lacking:
+        raise SamcpError(
+            f"{len(lacking)} of the {len(wanted)} ground-truth images (e.g. {lacking[0]}) have no "
+            f"proposals because {note}, then evaluate again"
+        )
+    raise SamcpError(f"{note}, then evaluate again")

@@ -336,7 +336,7 @@ def evaluate(
         SamcpError: On missing files and inconsistent predictions, naming the file and segment.
     """
     gt = load_ground_truth(Path(gt_json), gt_png_dir)
-    pred = load_predictions(Path(pred_dir))
+    pred = load_predictions(Path(pred_dir), {c.id for c in gt.categories})
     workers = (os.cpu_count() or 1) if workers is None else workers
     tasks = _tasks(gt, pred)
     if not tasks:

@@ -12,7 +12,7 @@ import numpy as np
 
 from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.proposals.base import Proposals
-from samcp.pipeline.proposals.sam import SamEverythingParams
+from samcp.pipeline.proposals.sam_params import SamEverythingParams
 from samcp.pipeline.proposals.slic import SlicParams
 
 SOURCES = ("sam", "slic", "external")
