@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
+from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.proposals import ProposalConfig
-from samcp.pipeline.proposals.sam import SamEverythingParams
+from samcp.pipeline.proposals.sam_params import SamEverythingParams
 from samcp.pipeline.proposals.slic import SlicParams
 
 _D = SamEverythingParams()
@@ -33,6 +35,82 @@ def _clip_config(checkpoint, model, levels, input_size, no_dense):
         levels=tuple(v.strip() for v in levels.split(",") if v.strip()),
         store_dense=not no_dense,
     )
+
+
+# Options read by one proposal source only; naming them for another source does nothing.
+_SAM_TUNING = (
+    "sam_model",
+    "points_per_side",
+    "points_per_batch",
+    "pred_iou_thresh",
+    "stability_score_thresh",
+    "stability_score_offset",
+    "box_nms_thresh",
+)
+_SLIC_TUNING = ("slic_segments", "slic_compactness")
+# Options that shape CLIP features, which only --clip-checkpoint turns on.
+_CLIP_OPTIONS = ("clip_model", "clip_levels", "clip_input_size", "no_clip_dense")
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """True if the user set the option (command line or environment), not its default."""
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+
+def _flags(ctx: click.Context, names: list[str]) -> str:
+    by_name = {p.name: p.opts[0] for p in ctx.command.params}
+    return ", ".join(by_name[n] for n in names)
+
+
+def _check_options(ctx: click.Context, source_kind: str, num_workers: int) -> None:
+    """Refuses options that contradict the run and warns about tuning that it will ignore.
+
+    Paths given to something that never reads them (a SAM checkpoint for SLIC proposals) and CLIP
+    settings without CLIP are refused: the user expects an effect that would silently not happen.
+    Tuning values for another proposal source only get a warning on stderr.
+
+    Raises:
+        SamcpError: a contradiction, naming the option and the fix.
+    """
+    if source_kind != "sam" and _given(ctx, "sam_checkpoint"):
+        raise SamcpError(
+            f"--sam-checkpoint is read only by --proposals sam, not --proposals {source_kind}; "
+            "drop it, or pass --proposals sam to make SAM proposals"
+        )
+    if source_kind != "external" and _given(ctx, "external_path"):
+        raise SamcpError(
+            f"--external is read only by --proposals external, not --proposals {source_kind}; "
+            "drop it, or pass --proposals external to import those proposals"
+        )
+    clip = [n for n in _CLIP_OPTIONS if _given(ctx, n)]
+    if clip and not _given(ctx, "clip_checkpoint"):
+        raise SamcpError(
+            f"{_flags(ctx, clip)} {'shapes' if len(clip) == 1 else 'shape'} CLIP features, which "
+            "are stored only with --clip-checkpoint; add --clip-checkpoint PATH, or drop "
+            f"{'it' if len(clip) == 1 else 'them'}"
+        )
+    if num_workers == 0 and _given(ctx, "ray_address"):
+        raise SamcpError(
+            "--ray-address joins a Ray cluster but --num-workers 0 runs in this process "
+            "without Ray; drop one of them"
+        )
+    ignored = []
+    if source_kind != "sam":
+        ignored += [n for n in _SAM_TUNING if _given(ctx, n)]
+    if source_kind != "slic":
+        ignored += [n for n in _SLIC_TUNING if _given(ctx, n)]
+    if ignored:
+        click.echo(
+            f"warning: {_flags(ctx, ignored)} {'does' if len(ignored) == 1 else 'do'} nothing "
+            f"with --proposals {source_kind} (ignored)",
+            err=True,
+        )
+    if num_workers == 0 and _given(ctx, "gpus_per_worker"):
+        click.echo(
+            "warning: --gpus-per-worker does nothing with --num-workers 0 (no Ray workers; "
+            "ignored)",
+            err=True,
+        )
 
 
 @click.command("precompute")
@@ -178,7 +256,9 @@ def _clip_config(checkpoint, model, levels, input_size, no_dense):
     help="Also store SAM's image embedding (sam_embed), from the same encoder pass.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.pass_context
 def command(
+    ctx: click.Context,
     source,
     out,
     split,
@@ -213,7 +293,9 @@ def command(
 
     Re-running the same command resumes: complete shards are skipped, incomplete ones redone.
     """
-    from samcp.pipeline.precompute import PrecomputeConfig, run_precompute
+    from samcp.pipeline.precompute import AllImagesFailed, PrecomputeConfig, run_precompute
+
+    _check_options(ctx, source_kind, num_workers)
 
     proposals = ProposalConfig(
         source=source_kind,
@@ -246,7 +328,12 @@ def command(
         redo_failed=redo_failed,
         clip=_clip_config(clip_checkpoint, clip_model, clip_levels, clip_input_size, no_clip_dense),
     )
-    summary = run_precompute(cfg)
+    try:
+        summary = run_precompute(cfg)
+    except AllImagesFailed as exc:
+        for line in exc.summary.lines():
+            click.echo(line)
+        raise
     for line in summary.lines():
         click.echo(line)
     if summary.shards_failed:

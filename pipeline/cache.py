@@ -196,7 +196,8 @@ def check_cache_source(
     annotations = Path(annotations)
     src = reader.attrs.get("dataset_source") or {}
     override = "--allow-other-dataset"
-    if not allow_other and src.get("kind", "coco_panoptic") == "coco_panoptic":
+    # A cache that records no source (written by other tools) can only be checked by its images.
+    if src and not allow_other and src.get("kind", "coco_panoptic") == "coco_panoptic":
         recorded = src.get("annotations_sha256")
         if recorded is not None:
             same = file_sha256(annotations) == recorded
@@ -225,6 +226,30 @@ def check_cache_source(
                 f"{annotations}: the cache was made from other images; pass the dataset it was "
                 "made from or re-run precompute"
             )
+
+
+def check_cache_matches_annotations(
+    cache: str | Path, annotations: str | Path, *, allow_other: bool = False, option: str = "--gt"
+) -> None:
+    """:func:`check_cache_source` against a COCO panoptic JSON (its ``images`` give the sizes)."""
+    import json
+
+    doc = json.loads(Path(annotations).read_text(encoding="utf-8"))
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise SamcpError(f"{annotations} has no images list; pass a COCO panoptic JSON")
+    sizes = {}
+    for im in images:
+        try:
+            sizes[str(im["id"])] = (int(im["height"]), int(im["width"]))
+        except (KeyError, TypeError, ValueError):
+            raise SamcpError(
+                f"{annotations}: an image entry lacks integer id/height/width ({str(im)[:80]}); "
+                "fix the ground-truth JSON"
+            ) from None
+    check_cache_source(
+        CacheReader(cache), annotations, sizes, allow_other=allow_other, option=option
+    )
 
 
 def check_cache_complete(reader: CacheReader, allow_incomplete: bool = False) -> str | None:

@@ -143,13 +143,19 @@ def load_clip(
     try:
         # An absolute path can never be mistaken for a pretrained tag (which would be downloaded).
         model = open_clip.create_model(model_name, pretrained=str(path.resolve()), device="cpu")
-    except Exception as exc:  # torch and unpickling raise many types; sort by message
+    except Exception as exc:  # torch and unpickling raise many types; sort by what the file holds
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
-        if "loading state_dict" in text:
+        # A readable state dict that open_clip could not load (a size mismatch, missing keys, or
+        # an assertion in its resizing of position embeddings) means weights of another config.
+        mismatch = _checkpoint_mismatch(model_name, path)
+        if mismatch is None and "loading state_dict" in text:
+            mismatch = first[:120]
+        if mismatch is not None:
             raise SamcpError(
-                f"CLIP checkpoint {path} does not fit --clip-model {model_name} ({first[:120]}); "
-                "pass the model name the weights were trained as"
+                f"CLIP checkpoint {path} does not fit --clip-model {model_name} ({mismatch}); "
+                "check --clip-model: it must name the open_clip config the weights were trained "
+                "with"
             ) from None
         raise SamcpError(
             f"cannot read CLIP checkpoint {path} ({type(exc).__name__}: {first[:120]}); "
@@ -157,6 +163,63 @@ def load_clip(
         ) from None
     model = model.to(device).eval().requires_grad_(False)
     return model, dict(open_clip.get_model_preprocess_cfg(model))
+
+
+def _checkpoint_mismatch(model_name: str, path: Path) -> str | None:
+    """How a weights file differs from an open_clip model's parameters, in a few words.
+
+    Returns None when the file is not a readable state dict of tensors, or when its keys and
+    shapes all match the model (then something else went wrong).
+    """
+    from open_clip.factory import load_state_dict
+
+    try:
+        # open_clip's own reader: unwraps {"state_dict": ...} and DataParallel's "module." prefix.
+        state = load_state_dict(str(path))
+    except Exception:  # not a state dict open_clip can read
+        return None
+    if not isinstance(state, dict) or not state:
+        return None
+    got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    want = _parameter_shapes(model_name)
+    sizes = [k for k in want if k in got and got[k] != want[k]]
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    parts = []
+    if sizes:
+        k = sizes[0]
+        parts.append(
+            f"{len(sizes)} size mismatch{'es' if len(sizes) > 1 else ''}, e.g. {k} is "
+            f"{list(got[k])} in the file but {list(want[k])} in the model"
+        )
+    if missing:
+        parts.append(
+            f"{len(missing)} missing key{'s' if len(missing) > 1 else ''}, e.g. {missing[0]}"
+        )
+    if unexpected:
+        parts.append(
+            f"{len(unexpected)} unexpected key{'s' if len(unexpected) > 1 else ''}, "
+            f"e.g. {unexpected[0]}"
+        )
+    return ", ".join(parts) or None
+
+
+def _parameter_shapes(model_name: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of an open_clip model's state dict, built without weights where torch allows."""
+    import open_clip
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns that the model is randomly initialised
+    try:
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no initialisation
+                model = open_clip.create_model(model_name, device="meta")
+        except Exception:
+            model = open_clip.create_model(model_name)
+    finally:
+        root.setLevel(level)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def make_random_clip_checkpoint(

@@ -140,23 +140,31 @@ class CocoPanopticDataset:
                 f"{self.json_path} is not a COCO panoptic file (missing {missing}); "
                 "pass a panoptic_*.json, not an instances_*.json"
             )
-        self.categories: list[dict] = list(doc["categories"])
-        # Contiguous class index in category order, as Mask2Former's semantic converter uses.
-        self.category_index: dict[int, int] = {
-            int(c["id"]): i for i, c in enumerate(self.categories)
-        }
-        images = sorted(doc["images"], key=lambda im: _id_sort_key(im["id"]))
-        self._images = {str(im["id"]): im for im in images}
-        self._annotations = {str(a["image_id"]): a for a in doc["annotations"]}
-        self.records: list[ImageRecord] = [
-            ImageRecord(
-                image_id=str(im["id"]),
-                file_name=str(self.image_dir / im["file_name"]),
-                height=int(im["height"]),
-                width=int(im["width"]),
-            )
-            for im in images
-        ]
+        try:
+            self.categories: list[dict] = list(doc["categories"])
+            # Contiguous class index in category order, as Mask2Former's semantic converter uses.
+            self.category_index: dict[int, int] = {
+                int(c["id"]): i for i, c in enumerate(self.categories)
+            }
+            images = sorted(doc["images"], key=lambda im: _id_sort_key(im["id"]))
+            self._images = {str(im["id"]): im for im in images}
+            self._annotations = {str(a["image_id"]): a for a in doc["annotations"]}
+            self.records: list[ImageRecord] = [
+                ImageRecord(
+                    image_id=str(im["id"]),
+                    file_name=str(self.image_dir / im["file_name"]),
+                    height=int(im["height"]),
+                    width=int(im["width"]),
+                )
+                for im in images
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise SamcpError(
+                f"{self.json_path}: malformed categories/images/annotations entry ({what[:120]}); "
+                "each needs id (and images file_name, height, width; annotations image_id): "
+                "fix or re-create the JSON"
+            ) from None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -260,11 +268,19 @@ def read_manifest(path: str | os.PathLike) -> list[ImageRecord]:
     base = path.absolute().parent
     records: list[ImageRecord] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                # utf-8-sig on the first line: editors on Windows start UTF-8 files with a BOM.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise SamcpError(
+                    f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                    f"{exc.start + 1}); save the manifest as UTF-8 (file names included)"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:

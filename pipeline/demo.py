@@ -19,7 +19,7 @@ from pathlib import Path
 from samcp.pipeline.outputs import prepare_output_dir, write_marker
 from samcp.pipeline.precompute import PrecomputeConfig, run_precompute
 from samcp.pipeline.proposals import ProposalConfig
-from samcp.pipeline.proposals.sam import SamEverythingParams
+from samcp.pipeline.proposals.sam_params import SamEverythingParams
 
 # A head between the test-size preset and the paper's size: trains in minutes on two CPU cores.
 DEMO_HEAD = {

@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,11 @@ from typing import Any
 import numpy as np
 
 from samcp.pipeline import cache as cache_io
+from samcp.pipeline.cachelock import CacheLock
 from samcp.pipeline.datasets import ImageRecord, load_image_rgb, open_image_source, shard_records
 from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.proposals import ProposalConfig, ProposalSource
+from samcp.pipeline.raywatch import RayWatchdog
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,10 @@ class ShardSummary:
     errors: list[str] = field(default_factory=list)
 
 
+# How many failed images a summary and an error message name.
+MAX_REASONS = 5
+
+
 @dataclass
 class PrecomputeSummary:
     out: str
@@ -87,6 +95,12 @@ class PrecomputeSummary:
     num_masks: int
     seconds: float
     worker_pids: list[int]
+    failed_reasons: list[str] = field(default_factory=list)  # first "image_id: reason" lines
+
+    @property
+    def all_failed(self) -> bool:
+        """True when images were processed in this run and not one of them succeeded."""
+        return self.num_images > 0 and self.num_failed_images == self.num_images
 
     def lines(self) -> list[str]:
         rate = self.num_images / self.seconds if self.seconds > 0 else float("nan")
@@ -103,7 +117,28 @@ class PrecomputeSummary:
             ),
             f"time: {self.seconds:.1f} s ({rate:.2f} images/s)",
         ]
+        if self.num_failed_images:
+            shown = self.failed_reasons[:MAX_REASONS]
+            out.append(
+                f"failed: {self.num_failed_images} of {self.num_images} images (kept as failed "
+                "rows; fix the files and re-run with --redo-failed); "
+                + ("first reasons:" if len(shown) < self.num_failed_images else "reasons:")
+            )
+            out.extend(f"  {r}" for r in shown)
         return out
+
+
+class AllImagesFailed(SamcpError):
+    """Not one image of a precompute run could be processed; ``summary`` says what was done."""
+
+    def __init__(self, summary: PrecomputeSummary) -> None:
+        self.summary = summary
+        # The fix comes before the reasons: a long line is cut at its end.
+        reasons = "; ".join(r[:120] for r in summary.failed_reasons[:3])
+        super().__init__(
+            f"all {summary.num_images} images failed; fix the image files (or the dataset path, "
+            f"--split, the manifest) and re-run with --redo-failed; first reasons: {reasons}"
+        )
 
 
 class ImageProcessor:
@@ -193,8 +228,16 @@ def dataset_attrs(records: list[ImageRecord], shard_size: int) -> dict:
     }
 
 
-def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]], set[str], dict]:
-    """Validates inputs, plans shards and creates (or checks) the cache root. No images are read."""
+def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]], dict]:
+    """Validates inputs, plans shards and builds the cache's root attributes. Writes nothing.
+
+    Returns:
+        ``(shards, attrs)``: the ``(shard_id, records)`` plan and the attributes that
+        :func:`samcp.pipeline.cache.init_cache` compares with an existing cache.
+
+    Raises:
+        SamcpError: bad options, dataset, checkpoints or ``out``.
+    """
     from samcp.pipeline.foundation import file_sha256
 
     cfg.proposals.validate()
@@ -224,10 +267,24 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
         from samcp.pipeline.foundation import load_sam
 
         load_sam(cfg.proposals.sam_model, cfg.proposals.sam_checkpoint, "cpu")
+    if _is_local(cfg.out):
+        # Read-only check first, so that no lock file is ever put into a folder samcp may not use.
+        from samcp.pipeline.outputs import prepare_output_dir
+
+        prepare_output_dir(cfg.out, "cache", overwrite=cfg.overwrite, reuse=True)
+    return shards, attrs
+
+
+def open_cache(cfg: PrecomputeConfig, attrs: dict) -> set[str]:
+    """Creates (or checks) the cache root; returns the shards to skip. Call it holding the lock."""
     done = cache_io.init_cache(cfg.out, attrs, overwrite=cfg.overwrite)
     if cfg.redo_failed and done:
         done -= set(cache_io.shards_with_failed_rows(cfg.out, done))
-    return shards, done, attrs
+    return done
+
+
+def _is_local(out: str | os.PathLike) -> bool:
+    return "://" not in str(out)
 
 
 def _clip_attrs(clip_cfg) -> dict | None:
@@ -243,9 +300,33 @@ def _clip_attrs(clip_cfg) -> dict | None:
 
 
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
-    """Runs precompute end to end and returns what was done. Re-running resumes."""
+    """Runs precompute end to end and returns what was done. Re-running resumes.
+
+    A local cache is locked (:class:`CacheLock`) from before its root is created or checked until
+    the run ends; a remote cache (a URL) is not.
+
+    Raises:
+        SamcpError: bad input, a cache locked by another run, or :class:`AllImagesFailed`.
+    """
     t0 = time.perf_counter()
-    shards, done, _ = prepare(cfg)
+    shards, attrs = prepare(cfg)
+    lock = CacheLock(cfg.out) if _is_local(cfg.out) else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        done = open_cache(cfg, attrs)
+        if lock is not None:
+            lock.ensure()
+        summary = _run(cfg, shards, done, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+    if summary.all_failed:
+        raise AllImagesFailed(summary)
+    return summary
+
+
+def _run(cfg: PrecomputeConfig, shards, done: set[str], t0: float) -> PrecomputeSummary:
     todo = [(sid, recs) for sid, recs in shards if sid not in done]
     total_images = sum(len(r) for _, r in todo)
     note = f"{len(done)} shards already complete" if done else ""
@@ -263,6 +344,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
             results, failed_shards = _run_ray(cfg, todo, bar)
     finally:
         bar.close()
+    results.sort(key=lambda s: s.shard_id)
     summary = PrecomputeSummary(
         out=str(cfg.out),
         num_images=sum(s.num_images for s in results),
@@ -274,6 +356,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         num_masks=sum(s.num_masks for s in results),
         seconds=time.perf_counter() - t0,
         worker_pids=sorted({s.worker_pid for s in results}),
+        failed_reasons=[e for s in results for e in s.errors][:MAX_REASONS],
     )
     _write_run_log(cfg, summary, results)
     return summary
@@ -302,21 +385,7 @@ def _progress(total: int, enabled: bool, initial_note: str = ""):
 def _run_ray(cfg: PrecomputeConfig, todo, bar) -> tuple[list[ShardSummary], list[str]]:
     import ray
 
-    started_here = False
-    if not ray.is_initialized():
-        kwargs = dict(
-            ignore_reinit_error=True,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address, **kwargs)
-        else:
-            # Local instance: leave the driver room and don't let Ray pick up GPUs it cannot use.
-            ray.init(num_cpus=max(cfg.num_workers, 1), **kwargs)
-        started_here = True
-    try:
+    with _ray_session(cfg):
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus >= cfg.gpus_per_worker > 0:
             n = max(1, int(gpus // cfg.gpus_per_worker))
@@ -358,9 +427,44 @@ def _run_ray(cfg: PrecomputeConfig, todo, bar) -> tuple[list[ShardSummary], list
         for w in workers:
             ray.kill(w)
         return results, failed
-    finally:
-        if started_here:
+
+
+@contextmanager
+def _ray_session(cfg: PrecomputeConfig) -> Iterator[None]:
+    """Connects to Ray for one run: the caller's Ray if already initialised (left running), the
+    cluster at ``ray_address``, or a local instance started here and stopped at the end.
+
+    A local instance gets a :class:`RayWatchdog`, so that none of its processes outlive this one
+    even when it is killed (SIGKILL, OOM) before it can shut Ray down.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = dict(
+        ignore_reinit_error=True,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, **kwargs)
+        try:
+            yield
+        finally:
             ray.shutdown()
+        return
+    watchdog = RayWatchdog()
+    try:
+        # Local instance: leave the driver room and don't let Ray pick up GPUs it cannot use.
+        ray.init(num_cpus=max(cfg.num_workers, 1), **kwargs)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        watchdog.stop()
 
 
 class ShardWorker:
@@ -389,3 +493,7 @@ def _write_run_log(cfg: PrecomputeConfig, summary: PrecomputeSummary, results) -
     }
     with open(Path(cfg.out) / "runs.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# The cache lock: one writing run per local cache.

@@ -394,3 +394,39 @@ def test_unexpected_errors_still_show_a_traceback(monkeypatch):
     monkeypatch.setattr(synth, "make_synthetic_dataset", bug)
     with pytest.raises(ZeroDivisionError):
         main(["synth", "/nonexistent/never-written"])
+
+
+def test_oracle_refuses_a_cache_of_another_dataset(small, tmp_path, capsys):
+    data, cache = small
+    other = make_synthetic_dataset(
+        tmp_path / "other", seed=9, num_train=0, num_val=4, height=64, width=96
+    )
+    args = ["eval", "--gt", other, "--oracle", cache, "--no-progress"]
+    code, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "was made from", str(other), "--allow-other-dataset")
+    code, err = run_cli(capsys, *args, "--allow-other-dataset")
+    assert code == 0, err
+    assert run_cli(capsys, "eval", "--gt", data, "--oracle", cache, "--no-progress")[0] == 0
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d["images"][0].pop("id"),
+        lambda d: d["images"][0].update(height="tall"),
+        lambda d: d["annotations"][0].pop("image_id"),
+        lambda d: d["categories"].append({"name": "no id"}),
+    ],
+    ids=["image-id", "height", "annotation-image-id", "category-id"],
+)
+def test_a_malformed_dataset_json_is_one_line_for_precompute(small, tmp_path, capsys, damage):
+    data, _ = small
+    copy = tmp_path / "ds"
+    shutil.copytree(data, copy)
+    ann = copy / "annotations" / "panoptic_val2017.json"
+    doc = json.loads(ann.read_text())
+    damage(doc)
+    ann.write_text(json.dumps(doc))
+    code, err = run_cli(capsys, *_precompute(copy, "--out", tmp_path / "c.zarr"))
+    assert_one_line_error(code, err, "panoptic_val2017.json", "malformed")
+    assert not (tmp_path / "c.zarr").exists()
