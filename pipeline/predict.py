@@ -33,8 +33,8 @@ from pycocotools import mask as mask_utils
 
 from samcp.pipeline.cache import STATUS_OK, CachedImage, CacheReader, check_cache_complete
 from samcp.pipeline.errors import SamcpError
-from samcp.pipeline.outputs import prepare_output_dir, write_marker
 from samcp.pipeline.headdata import HeadSample, collate, make_sample
+from samcp.pipeline.outputs import prepare_output_dir, write_marker
 
 NO_CLASS = -1  # "no region covers this pixel" in class-index maps
 IGNORE_LABEL = 255  # the same in semantic PNGs (detectron2's ignore label)

@@ -36,7 +36,6 @@ import torch
 
 from samcp.pipeline.cache import CacheReader
 from samcp.pipeline.errors import SamcpError
-from samcp.pipeline.outputs import MARKER, prepare_output_dir, write_marker
 from samcp.pipeline.headdata import (
     ClassSpace,
     HeadSample,
@@ -45,6 +44,7 @@ from samcp.pipeline.headdata import (
     ground_truth_rles,
     make_sample,
 )
+from samcp.pipeline.outputs import MARKER, prepare_output_dir, write_marker
 
 
 @dataclass(frozen=True)
@@ -362,9 +362,8 @@ def run_training(
 
 def _train(cfg, resume, stop_after, sampler_cls, dist: _Dist, device: torch.device) -> dict:
     from samcp.models.registry import build_head, save_head
-    from samcp.pipeline.datasets import CocoPanopticDataset
-
     from samcp.pipeline.cache import check_cache_complete, check_cache_source
+    from samcp.pipeline.datasets import CocoPanopticDataset
 
     # Everything that can be refused is checked before the run folder is touched.
     out = Path(cfg.out)
