@@ -124,7 +124,7 @@ class TrainConfig:
                 f"unknown head {self.head!r}; use --head with one of: {', '.join(sorted(HEADS))}"
             )
         checks = [
-            ("steps", self.steps >= 1, ">= 1"),
+            ("steps", self.steps >= 0, ">= 0 (0 saves the initial weights)"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number such as 2e-4"),
             ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),

@@ -111,3 +111,10 @@ def test_cache_without_clip_is_refused(setup, tmp_path):
     )
     with pytest.raises(SamcpError, match="no dense CLIP features"):
         run_training(cfg)
+
+
+def test_zero_steps_saves_the_initial_weights(setup, tmp_path):
+    """The demo's "untrained" row: a run of 0 steps is valid and holds the initial head."""
+    summary = run_training(_cfg(setup, tmp_path / "r0", steps=0))
+    assert summary["steps_done"] == 0
+    assert (tmp_path / "r0" / "model" / "model.safetensors").is_file()
