@@ -46,13 +46,7 @@ def check_out_path(path: str | Path, option: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SamcpError(f"{option} {path} is a file; pass a folder path instead")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SamcpError(
-                    f"{option} {path} lies under the file {parent}; pass a path in a folder"
-                )
-            break
+    _check_parents(path, option)
     return path
 
 
@@ -61,14 +55,19 @@ def check_out_file(path: str | Path, option: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise SamcpError(f"{option} {path} is a folder; pass a file path")
+    _check_parents(path, option)
+    return path
+
+
+def _check_parents(path: Path, option: str) -> None:
+    """Refuses a path whose nearest existing parent is a file (it could never be created)."""
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise SamcpError(
                     f"{option} {path} lies under the file {parent}; pass a path in a folder"
                 )
-            break
-    return path
+            return
 
 
 def output_kind(path: str | Path) -> str | None:

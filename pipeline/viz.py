@@ -260,6 +260,25 @@ def render_cached_image(
         SamcpError: the cache cannot be read or has no such image (with nearby ids as a hint).
     """
     reader = reader or CacheReader(cache)
+    row, pixels, warnings = _cached_row_and_pixels(reader, image_id, image_root)
+    if row.status != STATUS_OK:
+        warnings.append(f"image {row.image_id} failed in precompute ({row.error}); no proposals")
+    props = row.proposals
+    n = len(props) if max_masks is None else min(len(props), max_masks)
+    masks = props.decode()[:n] if n else np.zeros((0, row.height, row.width), bool)
+    return VizResult(
+        render_overlay(pixels, masks, alpha, outline), [row.image_id], n, len(props), warnings
+    )
+
+
+def _cached_row_and_pixels(
+    reader: CacheReader, image_id: str, image_root: str | Path | None
+) -> tuple[CachedImage, np.ndarray, list[str]]:
+    """A cached image's row and pixels (a grey canvas, with a warning, when the file is not found).
+
+    Raises:
+        SamcpError: the cache has no such image (with nearby ids as a hint).
+    """
     try:
         row = reader.get(str(image_id))
     except SamcpError:
@@ -275,14 +294,7 @@ def render_cached_image(
             "(pass --image-root DIR to say where the images are)"
         )
         pixels = np.full((row.height, row.width, 3), CANVAS_GREY, np.uint8)
-    if row.status != STATUS_OK:
-        warnings.append(f"image {row.image_id} failed in precompute ({row.error}); no proposals")
-    props = row.proposals
-    n = len(props) if max_masks is None else min(len(props), max_masks)
-    masks = props.decode()[:n] if n else np.zeros((0, row.height, row.width), bool)
-    return VizResult(
-        render_overlay(pixels, masks, alpha, outline), [row.image_id], n, len(props), warnings
-    )
+    return row, pixels, warnings
 
 
 def render_grid(
@@ -590,21 +602,7 @@ def render_cached_segments(
     if pred_dir is None and gt is None:
         raise SamcpError("give a prediction folder, a ground truth, or both")
     reader = CacheReader(cache)
-    try:
-        row = reader.get(str(image_id))
-    except SamcpError:
-        raise SamcpError(
-            f"image id {image_id!r} is not in cache {reader.path} ({_id_hint(reader)}); "
-            "`samcp inspect` lists what is there"
-        ) from None
-    warnings: list[str] = []
-    image, tried = find_image(reader, row, image_root)
-    if image is None:
-        warnings.append(
-            f"image {row.image_id} not found ({tried}); drawing on a grey canvas "
-            "(pass --image-root DIR to say where the images are)"
-        )
-        image = np.full((row.height, row.width, 3), CANVAS_GREY, np.uint8)
+    row, image, warnings = _cached_row_and_pixels(reader, image_id, image_root)
     panels, captions, drawn = [], [], 0
     names: dict[int, str] = {}
     if gt is not None:
