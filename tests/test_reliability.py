@@ -430,3 +430,20 @@ def test_a_malformed_dataset_json_is_one_line_for_precompute(small, tmp_path, ca
     code, err = run_cli(capsys, *_precompute(copy, "--out", tmp_path / "c.zarr"))
     assert_one_line_error(code, err, "panoptic_val2017.json", "malformed")
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_expected_errors_become_one_line_with_a_fix_and_bugs_do_not():
+    import errno
+
+    from samcp.pipeline.errors import SamcpError, expected_error_message
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/cache.zarr/shards/00003")
+    assert expected_error_message(full) == (
+        "/data/cache.zarr/shards/00003: No space left on device; free some space or choose "
+        "another location, then re-run (runs resume)"
+    )
+    denied = PermissionError(errno.EACCES, "Permission denied", "/ro/run")
+    assert "check the permissions" in expected_error_message(denied)
+    assert expected_error_message(SamcpError("a\nb")) == "a b"
+    assert expected_error_message(ZeroDivisionError("bug")) is None
+    assert expected_error_message(KeyError("x")) is None
