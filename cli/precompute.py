@@ -217,7 +217,11 @@ def _check_options(ctx: click.Context, source_kind: str, num_workers: int) -> No
     help="GPUs per worker when the Ray cluster has GPUs.",
 )
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: local Ray).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out first.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing samcp cache at --out (never any other folder).",
+)
 @click.option(
     "--redo-failed", is_flag=True, help="Also redo complete shards that hold failed rows."
 )

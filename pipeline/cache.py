@@ -126,8 +126,9 @@ def init_cache(path: str | Path, attrs: dict, overwrite: bool = False) -> set[st
                     "use another --out, or --overwrite to start it again"
                 )
         return set(complete_shards(root))
+    # zarr's mode="w" empties the whole folder or prefix: never used. Only what a cache consists
+    # of is removed, and a new cache is created only where nothing is stored yet.
     if exists and local:
-        # Remove only what a cache consists of; zarr's mode="w" would empty the whole folder.
         import shutil
 
         for name in _CACHE_ENTRIES:
@@ -136,7 +137,20 @@ def init_cache(path: str | Path, attrs: dict, overwrite: bool = False) -> set[st
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    root = zarr.open_group(str(path), mode="a" if local else "w", zarr_format=3)
+        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    elif exists:
+        root = _open_root(path, mode="r+")
+        if "shards" in root:
+            del root["shards"]
+        root.attrs.put({})
+    else:
+        try:
+            root = zarr.open_group(str(path), mode="a" if local else "w-", zarr_format=3)
+        except FileExistsError:
+            raise SamcpError(
+                f"--out {path} already holds data that is not a samcp cache; samcp never writes "
+                "into or deletes it (--overwrite included): choose a new, empty location"
+            ) from None
     root.attrs.update(
         {**attrs, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     )
@@ -197,7 +211,11 @@ def check_cache_source(
     src = reader.attrs.get("dataset_source") or {}
     override = "--allow-other-dataset"
     # A cache that records no source (written by other tools) can only be checked by its images.
-    if src and not allow_other and src.get("kind", "coco_panoptic") == "coco_panoptic":
+    # Caches written before `kind` was recorded: a .jsonl path was a manifest.
+    kind = src.get("kind") or (
+        "manifest" if str(src.get("path", "")).endswith(".jsonl") else "coco_panoptic"
+    )
+    if src and not allow_other and kind == "coco_panoptic":
         recorded = src.get("annotations_sha256")
         if recorded is not None:
             same = file_sha256(annotations) == recorded
@@ -207,8 +225,9 @@ def check_cache_source(
         if not same:
             raise SamcpError(
                 f"cache {reader.path} was made from {src.get('path')} (split "
-                f"{src.get('split')}), not from {annotations} given by {option}; pass the "
-                f"dataset the cache was made from, or {override} if it is the same images moved"
+                f"{src.get('split')}), not from {annotations} given by {option} (their "
+                f"annotations differ); pass the dataset the cache was made from, or {override} "
+                "if these are the same images (moved, or a re-exported or cut-down annotation file)"
             )
     sizes = reader.image_sizes()
     missing = [i for i in sizes if i not in image_sizes]

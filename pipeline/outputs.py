@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from samcp.pipeline.errors import SamcpError
@@ -82,17 +83,20 @@ def output_kind(path: str | Path) -> str | None:
         return kind if kind in KINDS else None
     if _is_cache(path):
         return "cache"
-    # Folders written before the marker existed, recognised by files only samcp writes.
-    for name, legacy in _LEGACY_FILES.items():
-        if (path / name).is_file():
-            return legacy
     return None
 
 
-_LEGACY_FILES = {
-    "predict_info.json": "predictions",
-    "train_config.json": "run",
-    "figures.json": "demo",
+# What the kinds that are replaced whole consist of. Replacing such a folder that holds anything
+# else (notes, a cache put inside a dataset) is refused, so that nothing of the user's goes with it.
+REPLACED_ENTRIES: dict[str, frozenset[str]] = {
+    "dataset": frozenset(
+        {"annotations", "train2017", "val2017", "semantic_train2017", "semantic_val2017",
+         "classes.txt", "classes_seen.txt", MARKER}
+    ),
+    "predictions": frozenset(
+        {"panoptic", "semantic", "panoptic.json", "instances.json", "predict_info.json", MARKER}
+    ),
+    "oracle": frozenset({"panoptic", "semantic", "panoptic.json", "instances.json", MARKER}),
 }
 
 
@@ -105,8 +109,8 @@ def _is_cache(path: Path) -> bool:
 
 
 def is_empty_dir(path: Path) -> bool:
-    """True for a folder that holds nothing but (possibly) samcp's lock file."""
-    return path.is_dir() and all(p.name == LOCK_FILE for p in path.iterdir())
+    """True for a folder that holds nothing but (possibly) samcp's lock file or its leftovers."""
+    return path.is_dir() and all(p.name.startswith(LOCK_FILE) for p in path.iterdir())
 
 
 def prepare_output_dir(
@@ -150,7 +154,31 @@ def prepare_output_dir(
             f"{option} {path} already holds a {what}; pass --overwrite to replace it, "
             "or choose another folder"
         )
+    if kind in REPLACED_ENTRIES:
+        foreign = sorted(
+            p.name for p in path.iterdir()
+            if p.name not in REPLACED_ENTRIES[kind] and not p.name.startswith(LOCK_FILE)
+        )
+        if foreign:
+            raise SamcpError(
+                f"{option} {path} holds a {what} and also {', '.join(foreign[:5])}, which samcp "
+                "did not write; replacing the folder would delete them: move them out or choose "
+                "another folder"
+            )
     return True
+
+
+def staging_path(out_dir: str | Path, what: str) -> Path:
+    """A hidden path beside ``out_dir`` that does not exist yet (``.NAME.WHAT-PID-RANDOM``).
+
+    Outputs are built there and renamed into place; the name is new each time, so two runs never
+    share (or delete) each other's staging folder.
+    """
+    out_dir = Path(out_dir).absolute()
+    while True:
+        path = out_dir.with_name(f".{out_dir.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
+        if not path.exists():
+            return path
 
 
 def write_marker(folder: str | Path, kind: str) -> None:

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from samcp.pipeline import cache as cache_io
-from samcp.pipeline.cachelock import CacheLock
 from samcp.pipeline.datasets import ImageRecord, load_image_rgb, open_image_source, shard_records
 from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.folderlock import FolderLock
 from samcp.pipeline.proposals import ProposalConfig, ProposalSource
 from samcp.pipeline.raywatch import RayWatchdog
 
@@ -302,7 +302,7 @@ def _clip_attrs(clip_cfg) -> dict | None:
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     """Runs precompute end to end and returns what was done. Re-running resumes.
 
-    A local cache is locked (:class:`CacheLock`) from before its root is created or checked until
+    A local cache is locked (:class:`FolderLock`) from before its root is created or checked until
     the run ends; a remote cache (a URL) is not.
 
     Raises:
@@ -310,7 +310,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     """
     t0 = time.perf_counter()
     shards, attrs = prepare(cfg)
-    lock = CacheLock(cfg.out) if _is_local(cfg.out) else None
+    lock = FolderLock(cfg.out) if _is_local(cfg.out) else None
     if lock is not None:
         lock.acquire()
     try:
@@ -459,6 +459,7 @@ def _ray_session(cfg: PrecomputeConfig) -> Iterator[None]:
     try:
         # Local instance: leave the driver room and don't let Ray pick up GPUs it cannot use.
         ray.init(num_cpus=max(cfg.num_workers, 1), **kwargs)
+        watchdog.seal()
         try:
             yield
         finally:

@@ -34,7 +34,7 @@ from pycocotools import mask as mask_utils
 from samcp.pipeline.cache import STATUS_OK, CachedImage, CacheReader, check_cache_complete
 from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.headdata import HeadSample, collate, make_sample
-from samcp.pipeline.outputs import prepare_output_dir, write_marker
+from samcp.pipeline.outputs import prepare_output_dir, staging_path, write_marker
 
 NO_CLASS = -1  # "no region covers this pixel" in class-index maps
 IGNORE_LABEL = 255  # the same in semantic PNGs (detectron2's ignore label)
@@ -601,10 +601,8 @@ class PredictionWriter:
         params: PanopticParams = PanopticParams(),
         stems: Mapping[str, str] | None = None,
     ) -> None:
-        out = self.out = Path(out)
-        self.tmp = out.with_name(out.name + ".samcp-partial")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        out = self.out = Path(out).absolute()
+        self.tmp = staging_path(out, "samcp-partial")
         (self.tmp / "panoptic").mkdir(parents=True)
         self.labels, self.params, self.stems = labels, params, dict(stems or {})
         self.semantic = int(labels.semantic_index.max(initial=0)) < IGNORE_LABEL
@@ -697,9 +695,7 @@ class PredictionWriter:
         old = None
         if self.out.exists():
             prepare_output_dir(self.out, "predictions", reuse=True)  # still ours, just before
-            old = self.out.with_name(self.out.name + ".samcp-old")
-            if old.exists():
-                shutil.rmtree(old)
+            old = staging_path(self.out, "samcp-old")
             os.replace(self.out, old)
         os.replace(self.tmp, self.out)
         if old is not None:

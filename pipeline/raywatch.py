@@ -7,6 +7,7 @@ watchdog, a separate tiny process, kills what the driver started once it is gone
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ from pathlib import Path
 # samcp (nor torch). Arguments: the driver's pid, the folder that holds psutil (Ray bundles it),
 # then the pids of the driver's children that existed before, which are not Ray's.
 # It remembers every process started under the driver's new children (gcs, raylet, the agents and
-# workers the raylet starts), polling twice a second. "stop" on stdin means Ray was shut down
+# workers the raylet starts), polling twice a second. "seal" on stdin (sent once ray.init has
+# returned) ends the watch for new direct children of the driver, which from then on are not
+# Ray's; their descendants are still followed. "stop" on stdin means Ray was shut down
 # cleanly: exit. End of input without "stop" means the driver is gone: kill what it remembered
 # (psutil checks each process's start time, so a reused pid is never hit), then exit.
 _WATCHDOG_SOURCE = """
@@ -36,11 +39,11 @@ def remember(procs):
 
 
 def scan():
-    try:
-        roots = [p for p in driver.children() if p.pid not in ignore]
-    except psutil.Error:
-        roots = []
-    remember(roots)
+    if not sealed:  # after ray.init, new children of the driver are not Ray's
+        try:
+            remember(p for p in driver.children() if p.pid not in ignore)
+        except psutil.Error:
+            pass
     for p in list(seen.values()):
         try:
             remember(p.children(recursive=True))
@@ -49,6 +52,7 @@ def scan():
 
 
 message = b""
+sealed = False
 while True:
     scan()
     ready, _, _ = select.select([0], [], [], 0.5)
@@ -57,6 +61,10 @@ while True:
         message += chunk
         if b"stop" in message:
             sys.exit(0)
+        if b"seal" in message and not sealed:
+            scan()
+            sealed = True
+            os.write(1, b"sealed\\n")
         if not chunk:
             break
     if not driver.is_running():
@@ -103,7 +111,7 @@ class RayWatchdog:
                 *before,
             ],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             # Its own session: Ctrl-C or a closed terminal stop the driver, not the watchdog.
             start_new_session=True,
@@ -112,6 +120,22 @@ class RayWatchdog:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
+
+    def seal(self) -> None:
+        """Says that ``ray.init`` has returned: Ray's own processes have all been started, so
+        processes the driver starts later (a host program's own) are never killed."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.write(b"seal\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return
+        # Wait for the acknowledgement: only then does a process this one starts count as not
+        # Ray's (the watchdog polls twice a second).
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        if ready:
+            self.proc.stdout.readline()
 
     def stop(self) -> None:
         """Tells the watchdog that Ray was shut down cleanly, and waits for it to exit."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from samcp.cli.main import main as samcp_main
-from samcp.pipeline import cachelock
+from samcp.pipeline import folderlock
 from samcp.pipeline import precompute as pre
 from samcp.pipeline.cache import CacheReader
 from samcp.pipeline.clip import TEST_MODEL_CONFIGS, load_clip, make_random_clip_checkpoint
@@ -66,7 +66,7 @@ def _slic_args(dataset: Path, out: Path, *extra: str) -> list[str]:
 
 def _write_lock(folder: Path, **holder) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / cachelock.LOCK_NAME
+    path = folder / folderlock.LOCK_NAME
     path.write_text(json.dumps({"started": "2026-01-02T03:04:05Z", **holder}))
     return path
 
@@ -92,7 +92,7 @@ def test_a_cache_locked_by_a_live_run_is_refused(dataset, tmp_path, capsys):
         assert f"pid {sleeper.pid} on {socket.gethostname()}" in err
         assert "since 2026-01-02T03:04:05Z" in err and "another --out" in err
         # Nothing was created, and the holder's lock is untouched.
-        assert sorted(p.name for p in out.iterdir()) == [cachelock.LOCK_NAME]
+        assert sorted(p.name for p in out.iterdir()) == [folderlock.LOCK_NAME]
         assert lock.read_bytes() == before
     finally:
         sleeper.kill()
@@ -117,7 +117,7 @@ def test_a_stale_lock_on_this_host_is_taken_over(dataset, tmp_path, capsys):
     assert "taking over the lock" in err and f"pid {dead}" in err
     assert "images: 5 processed now, 0 failed rows" in stdout
     assert len(CacheReader(out).shard_ids) == 3
-    assert not (out / cachelock.LOCK_NAME).exists()
+    assert not (out / folderlock.LOCK_NAME).exists()
 
 
 def test_a_reused_pid_does_not_keep_a_stale_lock(dataset, tmp_path):
@@ -131,7 +131,7 @@ def test_a_reused_pid_does_not_keep_a_stale_lock(dataset, tmp_path):
         num_workers=0,
         progress=False,
     )
-    if cachelock._process_start(os.getpid()) is None:
+    if folderlock._process_start(os.getpid()) is None:
         pytest.skip("process start times are not known on this OS")
     assert pre.run_precompute(cfg).num_images == 5
 
@@ -142,7 +142,7 @@ def test_the_lock_is_held_during_the_run_and_released_on_errors(dataset, tmp_pat
     real = pre.process_shard
 
     def spy(processor, cache, shard_id, records):
-        seen.append(json.loads((Path(cache) / cachelock.LOCK_NAME).read_text()))
+        seen.append(json.loads((Path(cache) / folderlock.LOCK_NAME).read_text()))
         if len(seen) == 2:
             raise KeyboardInterrupt
         return real(processor, cache, shard_id, records)
@@ -160,17 +160,17 @@ def test_the_lock_is_held_during_the_run_and_released_on_errors(dataset, tmp_pat
         pre.run_precompute(cfg)
     assert [h["pid"] for h in seen] == [os.getpid()] * 2
     assert seen[0]["host"] == socket.gethostname() and seen[0]["token"]
-    assert not (out / cachelock.LOCK_NAME).exists()
+    assert not (out / folderlock.LOCK_NAME).exists()
     # A second lock in this very process is refused while the first is held.
-    with cachelock.CacheLock(out):
+    with folderlock.FolderLock(out):
         with pytest.raises(SamcpError, match=f"pid {os.getpid()}"):
-            cachelock.CacheLock(out).acquire()
-    assert not (out / cachelock.LOCK_NAME).exists()
+            folderlock.FolderLock(out).acquire()
+    assert not (out / folderlock.LOCK_NAME).exists()
 
 
 def test_a_removed_lock_is_put_back_and_a_stolen_one_is_refused(tmp_path):
     out = tmp_path / "c"
-    with cachelock.CacheLock(out) as lock:
+    with folderlock.FolderLock(out) as lock:
         mine = lock.path.read_bytes()
         lock.path.unlink()  # what zarr's mode="w" did to the whole folder
         lock.ensure()
@@ -186,17 +186,17 @@ def test_taking_over_never_removes_a_lock_that_another_run_took_first(tmp_path):
     out = tmp_path / "c"
     stale = _write_lock(out, host=socket.gethostname(), pid=_dead_pid()).read_bytes()
     fresh = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"})
-    (out / cachelock.LOCK_NAME).write_text(fresh)  # another run replaced the stale lock meanwhile
-    assert cachelock.CacheLock(out)._take_over(stale) is False
-    assert (out / cachelock.LOCK_NAME).read_text() == fresh
-    assert sorted(p.name for p in out.iterdir()) == [cachelock.LOCK_NAME]
+    (out / folderlock.LOCK_NAME).write_text(fresh)  # another run replaced the stale lock meanwhile
+    assert folderlock.FolderLock(out)._take_over(stale) is False
+    assert (out / folderlock.LOCK_NAME).read_text() == fresh
+    assert sorted(p.name for p in out.iterdir()) == [folderlock.LOCK_NAME]
 
 
 def test_a_lock_taken_for_a_new_folder_leaves_nothing_when_the_run_fails(tmp_path):
     out = tmp_path / "new" / "c"
     with pytest.raises(RuntimeError):
-        with cachelock.CacheLock(out):
-            assert (out / cachelock.LOCK_NAME).is_file()
+        with folderlock.FolderLock(out):
+            assert (out / folderlock.LOCK_NAME).is_file()
             raise RuntimeError("the run failed before writing")
     assert not out.exists()
 
@@ -226,7 +226,7 @@ def test_a_run_where_every_image_failed_exits_non_zero(dataset, tmp_path, capsys
     assert (
         sum(line.startswith("  ") and "Unidentified" in line for line in stdout.splitlines()) == 5
     )
-    assert not (tmp_path / "c" / cachelock.LOCK_NAME).exists()
+    assert not (tmp_path / "c" / folderlock.LOCK_NAME).exists()
 
 
 def test_some_failed_images_are_counted_and_named(dataset, tmp_path, capsys):
@@ -427,6 +427,9 @@ def test_the_watchdog_runs_only_for_a_local_ray(monkeypatch):
         def __init__(self) -> None:
             calls.append("watchdog")
 
+        def seal(self) -> None:
+            calls.append("seal")
+
         def stop(self) -> None:
             calls.append("stop")
 
@@ -441,7 +444,7 @@ def test_the_watchdog_runs_only_for_a_local_ray(monkeypatch):
     calls.clear()
     with pre._ray_session(pre.PrecomputeConfig(source="x", out="y")):
         pass
-    assert calls == ["watchdog", ("init", None), "shutdown", "stop"]
+    assert calls == ["watchdog", ("init", None), "seal", "shutdown", "stop"]
 
 
 _DRIVER = textwrap.dedent(
@@ -457,6 +460,11 @@ _DRIVER = textwrap.dedent(
         " start_new_session=True);"
         "print(a.pid, flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
     print(dog.pid, tree.pid, tree.stdout.readline().strip(), flush=True)
+    time.sleep(1.2)  # let the watchdog see the tree, then say "ray.init has returned"
+    dog.seal()
+    # The host program's own child, started later: never the watchdog's to kill.
+    late = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print(late.pid, flush=True)
     if sys.argv[1] == "stop":
         time.sleep(1.5)  # let the watchdog see the tree
         dog.stop()
@@ -481,11 +489,14 @@ def test_the_watchdog_kills_what_a_killed_driver_started_and_only_then(how):
     driver = subprocess.Popen(
         [sys.executable, "-c", _DRIVER, how], stdout=subprocess.PIPE, text=True
     )
-    others = []
+    others: list[int] = []
+    late_only: list[int] = []
     try:
         dog, child, grandchild = (int(x) for x in driver.stdout.readline().split())
         others = [child, grandchild]
-        assert all(_alive(p) for p in (dog, *others))
+        late = int(driver.stdout.readline())
+        assert all(_alive(p) for p in (dog, *others, late))
+        late_only = [late]
         if how == "stop":
             assert driver.stdout.readline().strip() == "stopped"
             assert not _alive(dog)
@@ -498,13 +509,14 @@ def test_the_watchdog_kills_what_a_killed_driver_started_and_only_then(how):
             while time.time() < deadline and any(_alive(p) for p in (dog, *others)):
                 time.sleep(0.1)
             assert not any(_alive(p) for p in (dog, *others))
+            assert _alive(late)  # started after seal(): not Ray's
         else:  # a clean stop kills nothing, not even after the driver is gone
             time.sleep(0.5)
             assert all(_alive(p) for p in others)
     finally:
         driver.kill()
         driver.wait()
-        for pid in others:
+        for pid in [*others, *late_only]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -588,4 +600,4 @@ def test_kill_9_of_a_ray_driver_leaves_no_ray_process_and_the_rerun_resumes(tmp_
     assert "taking over the lock" in again.stderr
     reader = CacheReader(out)
     assert len(reader.shard_ids) == 8 and not reader.incomplete_shard_ids
-    assert not (out / cachelock.LOCK_NAME).exists()
+    assert not (out / folderlock.LOCK_NAME).exists()

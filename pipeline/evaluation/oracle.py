@@ -22,8 +22,6 @@ Choices (documented in docs/eval.md):
 from __future__ import annotations
 
 import multiprocessing
-import os
-import secrets
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -47,7 +45,7 @@ from samcp.pipeline.evaluation.formats import (
     write_panoptic_png,
 )
 from samcp.pipeline.evaluation.instance import encode_mask
-from samcp.pipeline.outputs import prepare_output_dir, write_marker
+from samcp.pipeline.outputs import prepare_output_dir, staging_path, write_marker
 
 ProposalSource = (
     Mapping[str, Sequence[Mapping[str, Any]]] | Iterable[tuple[str, Sequence[Mapping[str, Any]]]]
@@ -218,19 +216,11 @@ def _prepare_out(out_dir: Path, option: str) -> Path:
     prepare_output_dir(out_dir, "oracle", reuse=True, option=option)
     out_dir = out_dir.absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _fresh_path(out_dir, "partial")
+    staging = staging_path(out_dir, "partial")
     staging.mkdir()  # fails rather than reuse anything already there
     (staging / "panoptic").mkdir()
     (staging / "semantic").mkdir()
     return staging
-
-
-def _fresh_path(out_dir: Path, what: str) -> Path:
-    """A hidden path beside ``out_dir`` that does not exist yet."""
-    while True:
-        path = out_dir.with_name(f".{out_dir.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
-        if not path.exists():
-            return path
 
 
 def _publish(staging: Path, out_dir: Path, option: str) -> None:
@@ -239,7 +229,7 @@ def _publish(staging: Path, out_dir: Path, option: str) -> None:
     replace = prepare_output_dir(out_dir, "oracle", reuse=True, option=option)
     write_marker(staging, "oracle")
     if replace:
-        old = _fresh_path(out_dir.absolute(), "old")
+        old = staging_path(out_dir, "old")
         old.mkdir()
         out_dir.rename(old / "oracle")
         staging.rename(out_dir)

@@ -1,4 +1,4 @@
-"""The lock that keeps two ``samcp precompute`` runs off one local cache folder."""
+"""The lock that keeps two samcp runs off one local output folder (a cache, a training run)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from samcp.pipeline.outputs import LOCK_FILE
 LOCK_NAME = LOCK_FILE
 
 
-class CacheLock:
-    """Exclusive claim of one ``samcp precompute`` run on a local cache folder.
+class FolderLock:
+    """Exclusive claim of one samcp run on a local output folder (a cache, a training run).
 
-    The claim is the file ``<cache>/.samcp-lock``, created with ``O_CREAT | O_EXCL`` (so exactly one
+    The claim is the file ``<folder>/.samcp-lock``, created with ``O_CREAT | O_EXCL`` (so exactly one
     of two racing runs gets it) and holding one JSON object: ``host``, ``pid``, ``pid_start`` (the
     process's start time where the OS tells it, so a reused pid is not mistaken for the holder),
     ``started`` (UTC, ISO 8601), ``argv`` and a random ``token``. It is removed when the run ends,
@@ -28,16 +28,24 @@ class CacheLock:
     since its process cannot be checked from here.
 
     Args:
-        folder: the cache folder; created if missing (an empty folder is still a new cache).
+        folder: the folder; created if missing (an empty folder is still a new output).
+        what: what the folder is, for messages ("cache", "run folder").
+        command: the command that writes it, for messages.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        what: str = "cache",
+        command: str = "samcp precompute",
+    ) -> None:
         self.folder = Path(folder)
+        self.what, self.command = what, command
         self.path = self.folder / LOCK_NAME
         self._content: bytes | None = None
         self._made_folder = False
 
-    def __enter__(self) -> CacheLock:
+    def __enter__(self) -> FolderLock:
         self.acquire()
         return self
 
@@ -75,20 +83,20 @@ class CacheLock:
                 continue  # removed in between: try again
             if holder is None:
                 raise SamcpError(
-                    f"cache {self.folder} has an unreadable lock file {self.path}; if no samcp "
-                    "precompute is writing this cache, delete that file and re-run"
+                    f"{self.what} {self.folder} has an unreadable lock file {self.path}; if no "
+                    f"{self.command} is writing it, delete that file and re-run"
                 )
             if not self._is_stale(holder):
-                raise SamcpError(_held_message(self.folder, self.path, holder))
+                raise SamcpError(_held_message(self, holder))
             if self._take_over(raw):
                 print(
-                    f"note: taking over the lock of cache {self.folder} from a samcp run that "
+                    f"note: taking over the lock of {self.what} {self.folder} from a run that "
                     f"is gone (pid {holder.get('pid')} on this host, since "
                     f"{holder.get('started')})",
                     file=sys.stderr,
                 )
         raise SamcpError(
-            f"cache {self.folder} is being locked and unlocked by other runs; "
+            f"{self.what} {self.folder} is being locked and unlocked by other runs; "
             "wait for them to finish, or use another --out"
         )
 
@@ -105,7 +113,7 @@ class CacheLock:
         if raw is None and self._create():
             return
         raise SamcpError(
-            f"cache {self.folder}: another run took its lock while this one started "
+            f"{self.what} {self.folder}: another run took its lock while this one started "
             f"({_holder_words(holder or {})}); let it finish, then re-run to resume"
         )
 
@@ -194,10 +202,11 @@ def _holder_words(holder: dict) -> str:
     )
 
 
-def _held_message(folder: Path, path: Path, holder: dict) -> str:
+def _held_message(lock: FolderLock, holder: dict) -> str:
+    path = lock.path
     msg = (
-        f"cache {folder} is locked by another samcp precompute ({_holder_words(holder)}); "
-        "wait for it to finish, or use another --out"
+        f"{lock.what} {lock.folder} is locked by another {lock.command} "
+        f"({_holder_words(holder)}); wait for it to finish, or use another --out"
     )
     if holder.get("host") != socket.gethostname():
         msg += (
