@@ -36,8 +36,8 @@ from samcp.pipeline.errors import SamcpError
     "--run",
     "run_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Predict with this trained run on --cache (into RUN/predictions/<cache name>/), then "
-    "evaluate.",
+    help="Predict with this trained run on --cache (into RUN/predictions/<cache name>/, or "
+    "<cache name>.<vocabulary file stem>/ with --vocabulary), then evaluate.",
 )
 @click.option(
     "--cache",
@@ -53,6 +53,27 @@ from samcp.pipeline.errors import SamcpError
 )
 @click.option(
     "--device", default="auto", show_default=True, help="With --run: auto, cpu or cuda[:N]."
+)
+@click.option(
+    "--vocabulary",
+    default=None,
+    metavar="FILE",
+    help="With --run: predict these classes (a class file id:name,synonym,... or builtin name), "
+    "e.g. all classes for an open-vocabulary evaluation [default: the run's training classes].",
+)
+@click.option(
+    "--clip-checkpoint",
+    default=None,
+    help="With --run --vocabulary: the cache's CLIP, to embed a vocabulary not cached yet.",
+)
+@click.option(
+    "--seen-classes",
+    "seen_spec",
+    default=None,
+    metavar="FILE|RUN|IDS",
+    help="Also report every metric over the seen and the unseen classes: a class file (e.g. "
+    "classes_seen.txt), a run folder or its classes.json (the training classes), or ids "
+    "such as 1,2,4.",
 )
 @click.option(
     "--oracle",
@@ -106,6 +127,9 @@ def command(
     run_cache: Path | None,
     kappa: float | None,
     device: str,
+    vocabulary: str | None,
+    clip_checkpoint: str | None,
+    seen_spec: str | None,
     oracle_cache: Path | None,
     oracle_threshold: float,
     oracle_out: Path | None,
@@ -127,7 +151,8 @@ def command(
         resolve_ground_truth,
         unfinished_cache_note,
     )
-    from samcp.pipeline.evaluation.formats import write_json_atomic
+    from samcp.pipeline.evaluation.formats import load_ground_truth, write_json_atomic
+    from samcp.pipeline.evaluation.groups import check_seen_classes, read_seen_classes
     from samcp.pipeline.outputs import check_out_file, prepare_output_dir
 
     if sum(x is not None for x in (pred_dir, oracle_cache, run_dir)) != 1:
@@ -140,6 +165,9 @@ def command(
         raise SamcpError(f"--workers {workers} must be at least 1")
     if oracle_out is not None and oracle_cache is None:
         raise SamcpError("--oracle-out goes with --oracle CACHE; drop it or pass --oracle")
+    if (vocabulary is not None or clip_checkpoint is not None) and run_dir is None:
+        raise SamcpError("--vocabulary and --clip-checkpoint go with --run RUN --cache CACHE")
+    seen = read_seen_classes(seen_spec) if seen_spec is not None else None
     # Destinations are checked before any work, so a typo does not cost a whole evaluation.
     if json_out is not None:
         check_out_file(json_out, "--json")
@@ -153,6 +181,8 @@ def command(
         split = split or cache_split
     gt_json, gt_png_dir = resolve_ground_truth(gt_path, split or "val2017")
     progress = not no_progress
+    if seen is not None:  # before predicting, so that a wrong id does not cost a prediction run
+        check_seen_classes(seen, load_ground_truth(gt_json, gt_png_dir).categories, gt_json)
 
     from samcp.pipeline.cache import check_cache_matches_annotations
 
@@ -165,10 +195,15 @@ def command(
 
         assert run_cache is not None
         check_cache_covers(run_cache, gt_json, gt_png_dir)
+        name = run_cache.resolve().name
+        if vocabulary is not None:  # one folder per vocabulary, so none replaces another
+            name += f".{Path(vocabulary).stem}"
         pred_dir = predict_run(
             run_dir,
             run_cache,
-            run_dir / "predictions" / run_cache.resolve().name,
+            run_dir / "predictions" / name,
+            vocabulary=vocabulary,
+            clip_checkpoint=clip_checkpoint,
             kappa=kappa,
             device=device,
             file_stems=gt_file_stems(gt_json),
@@ -198,6 +233,7 @@ def command(
             workers=workers,
             semantic_rule=semantic_rule,  # type: ignore[arg-type]
             progress=progress,
+            seen=seen,
         )
     if run_dir is not None:
         report.notes[:0] = [f"predictions of {run_dir}: {pred_dir}", *prediction_notes(pred_dir)]

@@ -48,6 +48,14 @@ def _load_yaml(text: str, where: str):
 )
 @click.option("--clip-checkpoint", default=None, help="CLIP weights for the text embeddings.")
 @click.option(
+    "--classes",
+    "class_file",
+    default=None,
+    metavar="FILE",
+    help="Class file (id:name,synonym,...) of the training classes, e.g. the synthetic set's "
+    "classes_seen.txt; the dataset's other categories become void [all dataset categories].",
+)
+@click.option(
     "--steps", type=click.IntRange(min=1), default=None, help="Optimisation steps [2000]."
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step [4].")
@@ -80,6 +88,7 @@ def command(
     preset,
     sets,
     clip_checkpoint,
+    class_file,
     steps,
     batch_size,
     lr,
@@ -104,8 +113,14 @@ def command(
         if not isinstance(head_doc, dict):
             raise SamcpError(f"{config_file}: head_config must be a mapping of head config fields")
         head_overrides.update(head_doc)
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(doc) - known)
+        # What the command line names (the data, the run folder) is not a run setting.
+        cli_only = sorted(set(doc) & {"cache", "dataset", "out", "progress"})
+        if cli_only:
+            raise SamcpError(
+                f"{config_file}: {', '.join(cli_only)} belong(s) on the command line "
+                "(--cache, --dataset, --out, --no-progress), not in the run config"
+            )
+        unknown = sorted(set(doc) - {f.name for f in fields(TrainConfig)})
         if unknown:
             raise SamcpError(f"{config_file}: unknown keys {', '.join(unknown)}; see docs/train.md")
         values.update(doc)
@@ -119,6 +134,7 @@ def command(
         head=head,
         preset=preset,
         clip_checkpoint=clip_checkpoint,
+        classes=class_file,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
@@ -130,7 +146,10 @@ def command(
     if "lr_drop" in values:
         drop = values["lr_drop"]
         values["lr_drop"] = tuple(drop) if isinstance(drop, (list, tuple)) else (drop,)
-    values["head_overrides"] = {**values.get("head_overrides", {}), **head_overrides}
+    yaml_overrides = values.get("head_overrides", {})
+    if not isinstance(yaml_overrides, dict):
+        raise SamcpError(f"{config_file}: head_overrides must be a mapping of head config fields")
+    values["head_overrides"] = {**yaml_overrides, **head_overrides}
     if allow_incomplete:
         values["allow_incomplete"] = True
     if allow_other_dataset:

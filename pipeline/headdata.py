@@ -8,6 +8,7 @@ cached arrays and RLEs; full-resolution masks are decoded only to make the small
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -56,23 +57,40 @@ class HeadSample:
 
 
 class ClassSpace:
-    """The dataset's categories as a contiguous class index (the order of the text embeddings)."""
+    """The training classes as a contiguous class index (the order of the text embeddings).
 
-    def __init__(self, categories: list[dict]) -> None:
+    Args:
+        categories: The training classes' dataset categories (``id``, ``name``, ``isthing``), in
+            class-index order.
+        void_ids: Dataset category ids that are not training classes (open-vocabulary training
+            on a subset): their ground-truth segments are void, i.e. left out of the targets, as
+            COCO leaves ADE20K-only classes unlabelled.
+    """
+
+    def __init__(self, categories: list[dict], void_ids: Collection[int] = ()) -> None:
         self.categories = list(categories)
         self.ids = [int(c["id"]) for c in self.categories]
         self.index = {cid: i for i, cid in enumerate(self.ids)}
         self.isthing = np.array([bool(c.get("isthing", 1)) for c in self.categories])
         self.names = [str(c["name"]) for c in self.categories]
+        self.void_ids = frozenset(int(i) for i in void_ids)
+        if self.void_ids & set(self.ids):
+            raise ValueError("a category cannot be both a class and void")
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 def ground_truth_rles(id_map: np.ndarray, segments: list[dict], classes: ClassSpace) -> GroundTruth:
-    """Panoptic PNG ids + segments_info -> per-segment RLEs, labels and crowd flags."""
+    """Panoptic PNG ids + segments_info -> per-segment RLEs, labels and crowd flags.
+
+    Segments of ``classes.void_ids`` are dropped (their pixels are void); any other category that
+    is not a class is an error.
+    """
     rles, labels, crowd = [], [], []
     for seg in segments:
+        if int(seg["category_id"]) in classes.void_ids:
+            continue
         m = id_map == seg["id"]
         if not m.any():
             continue

@@ -12,6 +12,7 @@ COCO's own, so the same readers work on real COCO unchanged::
     OUT/semantic_train2017/<n>.png              uint8 contiguous class index, 255 = void
     OUT/semantic_val2017/<n>.png
     OUT/classes.txt                             FC-CLIP class file: ``id:name,synonym,...``
+    OUT/classes_seen.txt                        the seen classes of the open-vocabulary split
 
 Images are stuff bands (sky, grass, wall, water) overlaid with thing instances (balls, boxes, signs,
 starfish, donuts, kites, pills) that touch and occlude one another, a few crowd regions and some
@@ -25,7 +26,6 @@ seed gives byte-identical files, and changing ``num_train`` does not change the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ from scipy import ndimage
 from skimage.draw import polygon2mask
 
 from samcp.pipeline.errors import SamcpError
-from samcp.pipeline.outputs import prepare_output_dir, write_marker
+from samcp.pipeline.outputs import prepare_output_dir, staging_path, write_marker
 
 DEFAULT_NUM_TRAIN = 40
 DEFAULT_NUM_VAL = 20
@@ -112,9 +112,36 @@ def synth_categories() -> list[dict]:
     ]
 
 
-def classes_txt() -> str:
-    """Return the FC-CLIP style class file: one ``id:name,synonym,...`` line per category."""
-    return "".join(f"{c.id}:{','.join((c.name, *c.synonyms))}\n" for c in SYNTH_CLASSES)
+def classes_txt(classes: tuple[SynthClass, ...] = SYNTH_CLASSES) -> str:
+    """Return the FC-CLIP style class file: one ``id:name,synonym,...`` line per category.
+
+    Args:
+        classes: The categories to list, in this order (default: all of them).
+    """
+    return "".join(f"{c.id}:{','.join((c.name, *c.synonyms))}\n" for c in classes)
+
+
+# The fixed open-vocabulary split, the synthetic analogue of COCO -> ADE20K (docs/datasets.md):
+# heads train on the seen classes only (unseen segments are void, as ADE-only classes are
+# unlabelled in COCO) and are evaluated on all classes, reported for all, seen and unseen.
+# Unseen: kite, pill (things), wall, water (stuff). Each has a colour + texture + shape no seen
+# class shares (kite: purple striped diamond vs the brown grained box; pill: white two-tone
+# capsule vs the red ball; wall: red-brown bricks; water: dark blue waves vs the light blue sky
+# gradient), so recognising one takes transfer, not a copy of a seen look; and none of their
+# names or synonyms is a name of a seen class, so the text side gives nothing away either. The
+# ids of both groups are interleaved, so a class-index / category-id mix-up shows.
+UNSEEN_CLASS_IDS: tuple[int, ...] = (8, 11, 110, 120)
+SEEN_CLASS_IDS: tuple[int, ...] = tuple(c.id for c in SYNTH_CLASSES if c.id not in UNSEEN_CLASS_IDS)
+
+
+def seen_classes() -> tuple[SynthClass, ...]:
+    """Return the seen classes of the fixed open-vocabulary split (5 things, 2 stuff), id order."""
+    return tuple(c for c in SYNTH_CLASSES if c.id in SEEN_CLASS_IDS)
+
+
+def seen_classes_txt() -> str:
+    """Return the FC-CLIP class file of the seen classes (written as ``classes_seen.txt``)."""
+    return classes_txt(seen_classes())
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,9 +531,7 @@ def make_synthetic_dataset(
     _validate(num_train, num_val, height, width, min_instances, max_instances, crowd_fraction)
     prepare_output_dir(out, "dataset", overwrite=overwrite, option="OUT")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_path(out, "tmp")
     tmp.mkdir()
     try:
         for split, num in (("train2017", num_train), ("val2017", num_val)):
@@ -515,11 +540,12 @@ def make_synthetic_dataset(
             if progress is not None:
                 progress(f"{split}: {num} images")
         (tmp / "classes.txt").write_text(classes_txt())
+        (tmp / "classes_seen.txt").write_text(seen_classes_txt())
         write_marker(tmp, "dataset")
         if out.exists():
             # Move the old folder aside first so the swap is two renames, not a slow delete
             # during which `out` is half gone.
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = staging_path(out, "old")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)

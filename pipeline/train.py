@@ -6,7 +6,7 @@ the CLIP text tower once (cached on disk). A run folder holds everything:
 
     <run>/train_config.json        the resolved TrainConfig (+ head config) of the run
     <run>/text_embed.safetensors   the training vocabulary's class text embeddings
-    <run>/classes.json             the dataset categories in class-index order
+    <run>/classes.json             the training classes (dataset categories) in class-index order
     <run>/checkpoints/step_XXXXXXX/  model.safetensors + config.json + train_state.pt
     <run>/model/                   the final weights (model.safetensors + config.json)
     <run>/metrics.jsonl            one line per logged step; TensorBoard events in <run>/tb/
@@ -21,6 +21,7 @@ the same epoch order and takes its own ``batch_size`` slice of each global batch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,13 +30,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from samcp.pipeline.cache import CacheReader
 from samcp.pipeline.errors import SamcpError
+from samcp.pipeline.folderlock import FolderLock
 from samcp.pipeline.headdata import (
     ClassSpace,
     HeadSample,
@@ -45,6 +47,9 @@ from samcp.pipeline.headdata import (
     make_sample,
 )
 from samcp.pipeline.outputs import MARKER, prepare_output_dir, write_marker
+
+if TYPE_CHECKING:
+    from samcp.pipeline.vocab import Vocabulary
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class TrainConfig:
     head_overrides: head config fields to change (YAML / --set key=value).
     clip_checkpoint: CLIP weights for the text embeddings (not needed when they are cached).
     templates: prompt template set for the text embeddings.
+    classes: FC-CLIP class file (``id:name,synonym,...``) of the training classes; None: every
+        dataset category. Segments of the dataset's other categories become void (open-vocabulary
+        training on the seen classes); the file's names make the class text embeddings.
     steps: optimisation steps.
     batch_size: images per step.
     lr, weight_decay: AdamW.
@@ -85,6 +93,7 @@ class TrainConfig:
     head_overrides: dict = field(default_factory=dict)
     clip_checkpoint: str | None = None
     templates: str = "vild"
+    classes: str | None = None
     steps: int = 2000
     batch_size: int = 4
     lr: float = 2e-4
@@ -114,8 +123,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
                 raise SamcpError(
-                    f"{name} = {value!r} is a {type(value).__name__}; it must be a "
-                    f"{kind.__name__ if isinstance(kind, type) else 'number'}"
+                    f"{name} = {value!r} is a {type(value).__name__}; it must be {_kind_name(kind)}"
                 )
         if not all(isinstance(f, (int, float)) for f in self.lr_drop):
             raise SamcpError(f"lr_drop = {self.lr_drop!r} must be a list of fractions in (0, 1)")
@@ -148,8 +156,16 @@ _FIELD_TYPES: dict[str, Any] = {
     "seed": int, "log_every": int, "ckpt_every": int, "memo_images": int,
     "lr": (int, float), "weight_decay": (int, float), "clip_grad": (int, float),
     "flip": bool, "progress": bool, "allow_incomplete": bool, "allow_other_dataset": bool,
-    "head_overrides": dict,
+    "head_overrides": dict, "classes": (str, type(None)),
 }
+
+
+def _kind_name(kind: Any) -> str:
+    if kind == (int, float):
+        return "a number"
+    if isinstance(kind, tuple):
+        return " or ".join("null" if k is type(None) else f"a {k.__name__}" for k in kind)
+    return f"a {kind.__name__}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -174,6 +190,42 @@ def resolve_device(name: str) -> torch.device:
                 f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
             )
     return device
+
+
+def training_classes(
+    categories: list[dict], class_file: str | None, dataset_json: str | Path
+) -> tuple[ClassSpace, Vocabulary]:
+    """The run's classes and the vocabulary their text embeddings are made from.
+
+    Args:
+        categories: The dataset's categories (its panoptic JSON's list).
+        class_file: FC-CLIP class file (or builtin vocabulary name) of the training classes, in
+            class-index order; None for every dataset category (named by the dataset).
+        dataset_json: The dataset's panoptic JSON, named in messages.
+
+    Returns:
+        ``(classes, vocabulary)``: the classes, with the dataset's other categories void, and
+        the vocabulary of their names (the file's names and synonyms).
+
+    Raises:
+        SamcpError: the file is missing or malformed, or lists an id that is not a category of
+            the dataset.
+    """
+    from samcp.pipeline.vocab import read_vocabulary, vocabulary_from_dataset
+
+    if class_file is None:
+        return ClassSpace(categories), vocabulary_from_dataset(categories)
+    vocab = read_vocabulary(class_file)
+    by_id = {int(c["id"]): c for c in categories}
+    unknown = [cid for cid in vocab.ids if cid not in by_id]
+    if unknown:
+        raise SamcpError(
+            f"--classes {class_file}: class id(s) {', '.join(map(str, unknown))} are not "
+            f"categories of {dataset_json}; list only that dataset's category ids"
+        )
+    listed = set(vocab.ids)
+    void = [cid for cid in by_id if cid not in listed]
+    return ClassSpace([by_id[cid] for cid in vocab.ids], void_ids=void), vocab
 
 
 def head_config_for_cache(cfg: TrainConfig, cache_attrs: dict):
@@ -355,12 +407,21 @@ def run_training(
     cfg.validate()
     dist, device = _setup_distributed(cfg)
     try:
-        return _train(cfg, resume, stop_after, sampler_cls, dist, device)
+        with contextlib.ExitStack() as held:
+            return _train(cfg, resume, stop_after, sampler_cls, dist, device, held)
     finally:
         dist.close()
 
 
-def _train(cfg, resume, stop_after, sampler_cls, dist: _Dist, device: torch.device) -> dict:
+def _train(
+    cfg,
+    resume,
+    stop_after,
+    sampler_cls,
+    dist: _Dist,
+    device: torch.device,
+    held: contextlib.ExitStack,
+) -> dict:
     from samcp.models.registry import build_head, save_head
     from samcp.pipeline.cache import check_cache_complete, check_cache_source
     from samcp.pipeline.datasets import CocoPanopticDataset
@@ -379,7 +440,7 @@ def _train(cfg, resume, stop_after, sampler_cls, dist: _Dist, device: torch.devi
         {r.image_id: (r.height, r.width) for r in dataset.records},
         allow_other=cfg.allow_other_dataset,
     )
-    classes = ClassSpace(dataset.categories)
+    classes, vocab = training_classes(dataset.categories, cfg.classes, dataset.json_path)
     head_cfg = head_config_for_cache(cfg, reader.attrs)
     torch.manual_seed(cfg.seed)
     model = build_head(cfg.head, head_cfg).to(device)
@@ -388,14 +449,14 @@ def _train(cfg, resume, stop_after, sampler_cls, dist: _Dist, device: torch.devi
     milestones = sorted({max(1, int(f * cfg.steps)) for f in cfg.lr_drop})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     sampler = (sampler_cls or CacheSampler)(reader, dataset, classes, head_cfg, cfg)
-    _check_run_folder(out, cfg, head_cfg, resume, dist.world)  # every rank, before any write
+    if dist.main:  # one training per run folder at a time; released when the run ends
+        held.enter_context(FolderLock(out, "run folder", "samcp train"))
+    dist.barrier()
+    _check_run_folder(out, cfg, head_cfg, resume, dist.world, classes, clear=dist.main)
     dist.barrier()
 
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        from samcp.pipeline.vocab import vocabulary_from_dataset
-
-        vocab = vocabulary_from_dataset(classes.categories)
         text = class_text_embeddings(
             vocab, reader.attrs, cfg.clip_checkpoint, cfg.templates, device
         )
@@ -562,13 +623,25 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
 
 
 def _check_run_folder(
-    out: Path, cfg: TrainConfig, head_cfg, resume: bool, world_size: int = 1
+    out: Path,
+    cfg: TrainConfig,
+    head_cfg,
+    resume: bool,
+    world_size: int = 1,
+    classes: ClassSpace | None = None,
+    clear: bool = True,
 ) -> None:
     saved = out / "train_config.json"
     if saved.exists() and not resume and _latest_step(out) == 0 and not (out / "model").exists():
         # A run that failed before its first checkpoint holds nothing worth keeping: a rerun
-        # starts cleanly instead of being blocked by it.
-        if world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
+        # starts cleanly instead of being blocked by it. (The folder lock, held by the caller,
+        # guarantees that no live training owns it.)
+        if clear:
+            print(
+                f"note: {out} holds a run that stopped before its first checkpoint; starting it "
+                "again from scratch",
+                file=sys.stderr,
+            )
             _clear_unstarted_run(out)
         return
     if not saved.exists():
@@ -586,6 +659,14 @@ def _check_run_folder(
             raise SamcpError(
                 f"cannot resume {out}: {key} was {old.get(key)!r}, now {now.get(key)!r}; "
                 "resume with the same settings or start another run"
+            )
+    saved_classes = out / "classes.json"
+    if classes is not None and saved_classes.is_file():
+        old_ids = [int(c["id"]) for c in json.loads(saved_classes.read_text())]
+        if old_ids != classes.ids:
+            raise SamcpError(
+                f"cannot resume {out}: it trained on classes {old_ids}, now {classes.ids}; "
+                "resume with the same --classes file or start another run"
             )
     if old.get("world_size", 1) != world_size:  # it changes the global batch and data order
         raise SamcpError(

@@ -343,8 +343,10 @@ def test_train_refuses_a_foreign_run_folder(tiny_train_cache, tmp_path, capsys):
         ("lr_drop: 2\n", ["lr_drop"]),
         ("head_config: 3\n", ["head_config"]),
         ("nosuch: 1\n", ["unknown keys nosuch"]),
+        ("head_overrides: 3\n", ["head_overrides"]),
+        ("out: elsewhere\n", ["out", "command line"]),
     ],
-    ids=["syntax", "list", "lr-type", "lr-drop", "head-config", "unknown"],
+    ids=["syntax", "list", "lr-type", "lr-drop", "head-config", "unknown", "overrides", "out"],
 )
 def test_a_malformed_config_is_one_line(tiny_train_cache, tmp_path, capsys, text, needles):
     root, data, clip = tiny_train_cache
@@ -447,3 +449,68 @@ def test_expected_errors_become_one_line_with_a_fix_and_bugs_do_not():
     assert expected_error_message(SamcpError("a\nb")) == "a b"
     assert expected_error_message(ZeroDivisionError("bug")) is None
     assert expected_error_message(KeyError("x")) is None
+
+
+def test_a_remote_cache_location_holding_other_data_is_never_emptied():
+    """URL caches (s3://, gs://, ...) follow the same rule as folders: zarr's mode="w" would delete
+    the whole prefix. fsspec's in-memory filesystem stands in for an object store."""
+    fsspec = pytest.importorskip("fsspec")
+
+    from samcp.pipeline import cache as cache_io
+    from samcp.pipeline.errors import SamcpError
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/mine/user.txt", b"precious")
+    fs.pipe("/mine/sub/a.txt", b"too")
+    for overwrite in (False, True):
+        with pytest.raises(SamcpError, match="not a samcp cache"):
+            cache_io.init_cache("memory://mine", {"dataset": {}}, overwrite=overwrite)
+    assert fs.cat("/mine/user.txt") == b"precious" and fs.cat("/mine/sub/a.txt") == b"too"
+    # A samcp cache there is created, resumed and, with overwrite, replaced.
+    assert cache_io.init_cache("memory://c", {"dataset": {"n": 1}}) == set()
+    fs.pipe("/c/shards/00000/zarr.json", b'{"zarr_format": 3, "node_type": "group"}')
+    cache_io.init_cache("memory://c", {"dataset": {"n": 1}})
+    assert fs.exists("/c/shards/00000/zarr.json")
+    cache_io.init_cache("memory://c", {"dataset": {"n": 2}}, overwrite=True)
+    assert not fs.exists("/c/shards/00000")
+    assert cache_io.CacheReader("memory://c").attrs["dataset"] == {"n": 2}
+
+
+def test_train_refuses_a_run_folder_another_training_holds(tiny_train_cache, tmp_path, capsys):
+    from samcp.pipeline.folderlock import FolderLock
+
+    root, data, clip = tiny_train_cache
+    out = tmp_path / "run"
+    with FolderLock(out, "run folder", "samcp train"):  # a live training (this very process)
+        code, err = run_cli(capsys, *_train_args(root, data, clip, out))
+        assert_one_line_error(code, err, "locked by another samcp train", "pid")
+    assert run_cli(capsys, *_train_args(root, data, clip, out))[0] == 0
+
+
+def test_a_foreign_folder_with_a_train_config_json_is_never_cleared(
+    tiny_train_cache, tmp_path, capsys
+):
+    root, data, clip = tiny_train_cache
+    out = tmp_path / "theirs"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "train_config.json").write_text("{}")
+    (out / "checkpoints" / "epoch_10.pt").write_bytes(b"weights")
+    before = snapshot(out)
+    code, err = run_cli(capsys, *_train_args(root, data, clip, out))
+    assert_one_line_error(code, err, "samcp did not make")
+    assert snapshot(out) == before
+
+
+def test_replacing_a_prediction_folder_never_takes_user_files_with_it(
+    tiny_train_cache, tmp_path, capsys
+):
+    root, data, clip = tiny_train_cache
+    assert run_cli(capsys, *_train_args(root, data, clip, tmp_path / "run"))[0] == 0
+    args = ["predict", "--run", tmp_path / "run", "--cache", root / "cache", "--no-progress"]
+    pred = tmp_path / "pred"
+    assert run_cli(capsys, *args, "--out", pred)[0] == 0
+    (pred / "my_notes.md").write_text("keep me")
+    code, err = run_cli(capsys, *args, "--out", pred)
+    assert_one_line_error(code, err, "my_notes.md", "move them out")
+    assert (pred / "my_notes.md").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pred.")]  # no staging left

@@ -64,8 +64,8 @@ def test_same_seed_gives_byte_identical_files(small, tmp_path):
     again = make_synthetic_dataset(tmp_path / "again", seed=0, **SMALL)
     a, b = _all_files(small), _all_files(again)
     assert sorted(a) == sorted(b)
-    # classes.txt + the .samcp-output marker + per split: json, 3 x (jpg, pan, sem)
-    assert len(a) == 2 + 2 * (1 + 3 * 3)
+    # classes.txt, classes_seen.txt + the .samcp-output marker + per split: json, 3 x (jpg, pan, sem)
+    assert len(a) == 3 + 2 * (1 + 3 * 3)
     for name in a:
         assert a[name] == b[name], name
 
@@ -96,6 +96,7 @@ def test_exact_coco_panoptic_layout(small):
         ".samcp-output",
         "annotations",
         "classes.txt",
+        "classes_seen.txt",
         "semantic_train2017",
         "semantic_val2017",
         "train2017",

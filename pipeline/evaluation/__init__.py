@@ -13,6 +13,12 @@ from samcp.pipeline.evaluation.formats import (
     rgb_to_id,
     write_panoptic_png,
 )
+from samcp.pipeline.evaluation.groups import (
+    GroupResult,
+    SeenClasses,
+    check_seen_classes,
+    read_seen_classes,
+)
 from samcp.pipeline.evaluation.instance import InstanceResult, evaluate_instances
 from samcp.pipeline.evaluation.oracle import (
     OracleStats,
@@ -37,15 +43,18 @@ __all__ = [
     "Category",
     "EvalReport",
     "GroundTruth",
+    "GroupResult",
     "InstanceResult",
     "OracleStats",
     "PQCounts",
     "PQSummary",
     "PanopticResult",
     "Predictions",
+    "SeenClasses",
     "SemanticResult",
     "build_oracle_predictions",
     "check_cache_covers",
+    "check_seen_classes",
     "count_pairs",
     "evaluate",
     "evaluate_instances",
@@ -56,6 +65,7 @@ __all__ = [
     "pq_average",
     "pq_image",
     "read_panoptic_png",
+    "read_seen_classes",
     "resolve_ground_truth",
     "rgb_to_id",
     "semantic_metrics",

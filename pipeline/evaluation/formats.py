@@ -5,7 +5,9 @@ Ground truth is a COCO panoptic folder (one JSON plus one PNG per image). Predic
 
     PRED_DIR/panoptic.json        COCO panoptic: {"annotations": [{image_id, file_name, segments_info}]}
     PRED_DIR/panoptic/<file_name> the PNGs named by panoptic.json
-    PRED_DIR/semantic/<stem>.png  optional; contiguous class index, 255 = unlabelled
+    PRED_DIR/semantic/<stem>.png  optional; contiguous class index, 255 = unlabelled: the position
+                                  in panoptic.json's ``categories`` when it has them (as samcp
+                                  predict writes), else in the ground truth's categories
     PRED_DIR/instances.json       optional; COCO results list with RLE segmentations
 
 Image ids may be ints or strings anywhere; they are always compared as strings.
@@ -84,6 +86,9 @@ class Predictions:
         png_dir: PRED_DIR/panoptic.
         semantic_dir: PRED_DIR/semantic when it exists, else None.
         instances: The parsed instances.json when it exists, else None.
+        semantic_category_ids: The category id of each semantic PNG value: panoptic.json's
+            ``categories`` in order when it lists them and semantic/ exists; None means the
+            values index the ground truth's categories.
     """
 
     root: Path
@@ -91,6 +96,7 @@ class Predictions:
     png_dir: Path
     semantic_dir: Path | None
     instances: list[dict[str, Any]] | None
+    semantic_category_ids: list[int] | None = None
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
@@ -269,6 +275,9 @@ def load_predictions(pred_dir: Path, category_ids: Collection[int] | None = None
             "panoptic.json and panoptic/"
         )
     semantic_dir = root / "semantic" if (root / "semantic").is_dir() else None
+    semantic_ids = None
+    if semantic_dir is not None and isinstance(data, dict) and "categories" in data:
+        semantic_ids = _prediction_category_ids(data["categories"], json_path)
     instances = None
     if (root / "instances.json").is_file():
         instances = check_instance_results(
@@ -276,7 +285,22 @@ def load_predictions(pred_dir: Path, category_ids: Collection[int] | None = None
             root / "instances.json",
             category_ids,
         )
-    return Predictions(root, annotations, png_dir, semantic_dir, instances)
+    return Predictions(root, annotations, png_dir, semantic_dir, instances, semantic_ids)
+
+
+def _prediction_category_ids(cats: Any, json_path: Path) -> list[int]:
+    """The ids of a prediction's ``categories`` list, in order (what its semantic PNGs index)."""
+    fix = "fix it or remove 'categories' (semantic PNGs then index the ground truth's categories)"
+    if not isinstance(cats, list) or not all(
+        isinstance(c, dict) and _is_int(c.get("id")) for c in cats
+    ):
+        raise SamcpError(
+            f"{json_path}: 'categories' must be a list of {{id, name, ...}} with integer ids; {fix}"
+        )
+    ids = [int(c["id"]) for c in cats]
+    if len(set(ids)) != len(ids):
+        raise SamcpError(f"{json_path}: 'categories' lists a category id twice; {fix}")
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,8 @@ class InstanceResult:
         num_detections: Detections evaluated.
         ignored_stuff_detections: Detections of stuff categories, which are not evaluated.
         per_class: ``category_id -> {"ap": percent or None}``.
+        groups: ``group name -> {ap, ap50, ap75, aps, apm, apl, n}`` over the group's thing
+            categories (see :func:`accumulate_instances`); empty when no groups were asked for.
     """
 
     ap: float | None
@@ -87,6 +89,7 @@ class InstanceResult:
     num_detections: int
     ignored_stuff_detections: int = 0
     per_class: dict[int, dict[str, Any]] = field(default_factory=dict)
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _percent(v: float) -> float | None:
@@ -269,8 +272,22 @@ def accumulate_instances(
     keys: InstanceKeys,
     num_detections: int,
     ignored_stuff_detections: int = 0,
+    groups: Mapping[str, Collection[int]] | None = None,
 ) -> InstanceResult:
-    """COCOeval's ``accumulate`` and ``summarize`` over the per-image results of all images."""
+    """COCOeval's ``accumulate`` and ``summarize`` over the per-image results of all images.
+
+    Args:
+        per_image: ``image key -> evalImgs`` from :func:`evaluate_images`.
+        keys: The pycocotools keys.
+        num_detections: Detections evaluated (reported).
+        ignored_stuff_detections: Stuff detections left out (reported).
+        groups: Optional ``name -> category ids`` (e.g. seen / unseen classes): each group's six
+            AP numbers are COCOeval's ``summarize`` over the group's thing categories only, i.e.
+            what ``params.catIds = group`` gives. COCOeval accumulates every category on its
+            own, so the group's slice of the accumulated precision/recall arrays is exactly that
+            run's; AP is then the mean of per-category AP over the group's categories with
+            ground truth, the same definition as the all-class AP.
+    """
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(iouType="segm")
         ev.params.imgIds = sorted(keys.images.values())
@@ -288,12 +305,44 @@ def accumulate_instances(
         p = precision[:, :, keys.categories[c.id] - 1, 0, -1]
         p = p[p > -1]
         per_class[c.id] = {"ap": float(p.mean()) * 100 if p.size else None}
+    group_results = {
+        name: _summarize_categories(ev, keys, ids, per_class)
+        for name, ids in (groups or {}).items()
+    }
     return InstanceResult(
         *stats,
         num_detections=num_detections,
         ignored_stuff_detections=ignored_stuff_detections,
         per_class=per_class,
+        groups=group_results,
     )
+
+
+def _summarize_categories(
+    ev: COCOeval,
+    keys: InstanceKeys,
+    category_ids: Collection[int],
+    per_class: Mapping[int, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """COCOeval's six AP stats restricted to some categories (stuff ids are skipped)."""
+    wanted = set(category_ids)
+    ids = [c.id for c in keys.things if c.id in wanted]
+    out: dict[str, Any] = {k.lower(): None for k in AP_KEYS}
+    out["n"] = sum(per_class[c]["ap"] is not None for c in ids)
+    if not ids:
+        return out
+    # Category axis 2 of precision (T, R, K, A, M) and 1 of recall (T, K, A, M).
+    pos = [keys.categories[c] - 1 for c in ids]
+    sub = copy.copy(ev)
+    sub.eval = {
+        **ev.eval,
+        "precision": ev.eval["precision"][:, :, pos],
+        "recall": ev.eval["recall"][:, pos],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        sub.summarize()
+    out.update({k.lower(): _percent(v) for k, v in zip(AP_KEYS, sub.stats, strict=False)})
+    return out
 
 
 def evaluate_instances(
@@ -303,6 +352,7 @@ def evaluate_instances(
     detections: Sequence[Mapping[str, Any]],
     *,
     source: str = "instances.json",
+    groups: Mapping[str, Collection[int]] | None = None,
 ) -> InstanceResult | None:
     """Runs COCOeval (segm) on thing classes, in one process.
 
@@ -316,6 +366,7 @@ def evaluate_instances(
         detections: COCO results: ``image_id``, ``category_id``, ``segmentation`` (RLE at the
             image's size, ``counts`` str or bytes) and ``score``.
         source: Names the detections' file in error messages.
+        groups: Optional ``name -> category ids``; see :func:`accumulate_instances`.
 
     Returns:
         The AP metrics, or None when the ground truth has no thing category.
@@ -330,4 +381,4 @@ def evaluate_instances(
         return None
     dt, ignored = prepare_detections(detections, keys, categories, source=source)
     per_image = evaluate_images(gt_instances, dt, keys)
-    return accumulate_instances(per_image, keys, sum(map(len, dt.values())), ignored)
+    return accumulate_instances(per_image, keys, sum(map(len, dt.values())), ignored, groups)

@@ -31,6 +31,14 @@ from samcp.pipeline.evaluation.formats import (
     read_label_png,
     read_panoptic_png,
 )
+from samcp.pipeline.evaluation.groups import (
+    GROUPS,
+    GroupResult,
+    SeenClasses,
+    check_seen_classes,
+    group_ids,
+    group_results,
+)
 from samcp.pipeline.evaluation.instance import (
     InstanceKeys,
     InstanceResult,
@@ -54,6 +62,7 @@ from samcp.pipeline.evaluation.semantic import (
     confusion_from_labels,
     confusion_from_pairs,
     labels_from_png,
+    semantic_lut,
     semantic_metrics,
 )
 
@@ -82,6 +91,7 @@ class _ImageResult:
 class _Context:
     categories: tuple[Category, ...]
     instance_keys: InstanceKeys | None
+    semantic_lut: np.ndarray | None = None  # semantic PNG value -> GT class index
 
 
 _CTX: _Context | None = None
@@ -120,13 +130,14 @@ def _evaluate_image(task: _ImageTask, ctx: _Context) -> tuple[_ImageResult, np.n
         p = np.array([pred_cls[x] for x in pairs.pred_ids.tolist()], dtype=np.int64)
         conf = confusion_from_pairs(p, g, pairs.counts, k)
     else:
-        sem = labels_from_png(read_label_png(Path(task.semantic_png)), k, IGNORE_LABEL)
+        where = f"image {task.image_id} ({task.semantic_png})"
+        sem = labels_from_png(
+            read_label_png(Path(task.semantic_png)), k, IGNORE_LABEL, ctx.semantic_lut, where=where
+        )
         ids, inverse = np.unique(gt, return_inverse=True)
         lut = np.array([gt_cls.get(x, k) for x in ids.tolist()], dtype=np.int64)
         gt_sem = lut[inverse.reshape(gt.shape)]
-        conf = confusion_from_labels(
-            sem, gt_sem, k, where=f"image {task.image_id} ({task.semantic_png})"
-        )
+        conf = confusion_from_labels(sem, gt_sem, k, where=where)
 
     instances = None
     if ctx.instance_keys is not None:
@@ -166,6 +177,8 @@ class EvalReport:
         num_images: Images evaluated.
         semantic_source: "semantic" (PRED_DIR/semantic PNGs) or "panoptic" (derived).
         notes: Human-readable remarks (e.g. why AP is missing).
+        groups: ``"seen" / "unseen" -> GroupResult`` when seen classes were given, else empty.
+        seen_source: Where the seen classes came from (file or ids), None without them.
     """
 
     panoptic: PanopticResult
@@ -175,25 +188,38 @@ class EvalReport:
     num_images: int
     semantic_source: str
     notes: list[str] = field(default_factory=list)
+    groups: dict[str, GroupResult] = field(default_factory=dict)
+    seen_source: str | None = None
 
     def to_dict(self, per_class: bool = False) -> dict[str, Any]:
-        """All numbers as a JSON-ready dict; per-class tables only when ``per_class``."""
+        """All numbers as a JSON-ready dict; per-class tables only when ``per_class``.
+
+        ``groups`` is ``{"seen": ..., "unseen": ...}`` (:meth:`GroupResult.to_dict`) when seen
+        classes were given, else None.
+        """
         pan = {name: asdict(getattr(self.panoptic, name)) for name in ("all", "things", "stuff")}
         sem = {k: v for k, v in asdict(self.semantic).items() if k != "per_class"}
         inst = None
         if self.instance is not None:
-            inst = {k: v for k, v in asdict(self.instance).items() if k != "per_class"}
+            inst = {
+                k: v for k, v in asdict(self.instance).items() if k not in ("per_class", "groups")
+            }
         out: dict[str, Any] = {
             "num_images": self.num_images,
             "panoptic": pan,
             "semantic": {**sem, "source": self.semantic_source},
             "instance": inst,
+            "groups": {name: g.to_dict() for name, g in self.groups.items()} or None,
+            "seen_classes": self.seen_source,
             "notes": list(self.notes),
         }
+        group_of = self._group_of()
         if per_class:
             rows = []
             for c in self.categories:
                 row: dict[str, Any] = {"category_id": c.id, "name": c.name, "isthing": c.isthing}
+                if group_of:
+                    row["group"] = group_of[c.id]
                 row.update(self.panoptic.per_class.get(c.id, {}))
                 sem_row = self.semantic.per_class.get(c.index, {})
                 row.update(iou=sem_row.get("iou"), acc=sem_row.get("acc"))
@@ -202,6 +228,9 @@ class EvalReport:
                 rows.append(row)
             out["per_class"] = rows
         return out
+
+    def _group_of(self) -> dict[int, str]:
+        return {cid: name for name, g in self.groups.items() for cid in g.category_ids}
 
 
 def _fmt(v: float | None, width: int = 6) -> str:
@@ -233,8 +262,12 @@ def format_report(report: EvalReport, per_class: bool = False) -> str:
                 _fmt(v) for v in (inst.ap, inst.ap50, inst.ap75, inst.aps, inst.apm, inst.apl)
             ),
         ]
+    if report.groups:
+        lines += ["", *_format_groups(report)]
+    group_of = report._group_of()
     if per_class:
-        lines += ["", f"{'category':24s} {'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'IoU':>6s} {'AP':>6s}"]
+        head = f"{'category':24s} {'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'IoU':>6s} {'AP':>6s}"
+        lines += ["", head + (f" {'group':>6s}" if group_of else "")]
         for c in report.categories:
             p = report.panoptic.per_class.get(c.id, {})
             iou = report.semantic.per_class.get(c.index, {}).get("iou")
@@ -242,11 +275,50 @@ def format_report(report: EvalReport, per_class: bool = False) -> str:
             name = f"{c.name} ({'thing' if c.isthing else 'stuff'})"[:24]
             lines.append(
                 f"{name:24s} {_fmt(p.get('pq'))} {_fmt(p.get('sq'))} {_fmt(p.get('rq'))} "
-                f"{_fmt(iou)} {_fmt(ap)}"
+                f"{_fmt(iou)} {_fmt(ap)}" + (f" {group_of[c.id]:>6s}" if group_of else "")
             )
     for note in report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _format_groups(report: EvalReport) -> list[str]:
+    """The open-vocabulary table: every metric over all, seen and unseen classes."""
+    n_seen = len(report.groups["seen"].category_ids)
+    n_unseen = len(report.groups["unseen"].category_ids)
+    lines = [
+        f"Open vocabulary: {n_seen} seen classes ({report.seen_source}), {n_unseen} unseen",
+        f"{'':10s}|{'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'PQth':>6s} {'PQst':>6s} {'#cat':>5s} |"
+        f"{'mIoU':>6s} {'#cls':>5s} |{'AP':>6s} {'#cls':>5s}",
+        "-" * 10 + "+" + "-" * 41 + "+" + "-" * 13 + "+" + "-" * 12,
+    ]
+    inst = report.instance
+    rows: list[tuple[str, Any, float | None, int, dict[str, Any] | None]] = [
+        (
+            "All",
+            {
+                "all": report.panoptic.all,
+                "things": report.panoptic.things,
+                "stuff": report.panoptic.stuff,
+            },
+            report.semantic.miou,
+            report.semantic.n,
+            None
+            if inst is None
+            else {"ap": inst.ap, "n": sum(v["ap"] is not None for v in inst.per_class.values())},
+        )
+    ]
+    for name in GROUPS:
+        g = report.groups[name]
+        rows.append((name.capitalize(), g.panoptic, g.miou, g.miou_n, g.instance))
+    for label, pan, miou, miou_n, ap in rows:
+        a, th, st = pan["all"], pan["things"], pan["stuff"]
+        ap_cells = f"{_fmt(None)} {'':5s}" if ap is None else f"{_fmt(ap['ap'])} {ap['n']:5d}"
+        lines.append(
+            f"{label:10s}|{_fmt(a.pq)} {_fmt(a.sq)} {_fmt(a.rq)} {_fmt(th.pq)} {_fmt(st.pq)} "
+            f"{a.n:5d} |{_fmt(miou)} {miou_n:5d} |{ap_cells}"
+        )
+    return lines
 
 
 def _image_size(gt: GroundTruth, ann: dict[str, Any]) -> tuple[int, int]:
@@ -318,6 +390,7 @@ def evaluate(
     workers: int | None = None,
     semantic_rule: SemanticRule = "detectron2",
     progress: bool = False,
+    seen: SeenClasses | None = None,
 ) -> EvalReport:
     """Evaluates a prediction folder: PQ always, mIoU always, AP when instances.json exists.
 
@@ -328,6 +401,8 @@ def evaluate(
         workers: Processes for per-image work; default ``os.cpu_count()``; 1 runs in-process.
         semantic_rule: "detectron2" or "mmseg" (see :func:`semantic_metrics`).
         progress: Show a tqdm bar on stderr.
+        seen: The seen classes (samcp.pipeline.evaluation.groups.read_seen_classes): every
+            metric is then also reported over the seen and the unseen classes (``groups``).
 
     Returns:
         The report.
@@ -336,6 +411,8 @@ def evaluate(
         SamcpError: On missing files and inconsistent predictions, naming the file and segment.
     """
     gt = load_ground_truth(Path(gt_json), gt_png_dir)
+    if seen is not None:
+        check_seen_classes(seen, gt.categories, gt.json_path)
     pred = load_predictions(Path(pred_dir), {c.id for c in gt.categories})
     workers = (os.cpu_count() or 1) if workers is None else workers
     tasks = _tasks(gt, pred)
@@ -352,9 +429,12 @@ def evaluate(
         )
         num_detections = sum(map(len, dets.values()))
         tasks = [replace(t, detections=dets.get(t.image_id, [])) for t in tasks]
-    ctx = _Context(tuple(gt.categories), keys)
-
     k = len(gt.categories)
+    lut = None
+    if pred.semantic_category_ids is not None:
+        lut = semantic_lut(pred.semantic_category_ids, {c.id: c.index for c in gt.categories}, k)
+    ctx = _Context(tuple(gt.categories), keys, lut)
+
     pq_total: dict[int, PQCounts] = {}
     confusion = np.zeros((k + 1, k + 1), dtype=np.int64)
     instance_evals: dict[int, list[Any]] = {}
@@ -366,13 +446,14 @@ def evaluate(
                 instance_evals[keys.images[r.image_id]] = r.instance_eval
 
     notes = []
+    groups = None if seen is None else group_ids(seen, gt.categories)
     instance = None
     if pred.instances is None:
         notes.append("no instances.json in the prediction folder: AP not evaluated")
     elif keys is None:
         notes.append("the ground truth has no thing category: AP not evaluated")
     else:
-        instance = accumulate_instances(instance_evals, keys, num_detections, ignored_stuff)
+        instance = accumulate_instances(instance_evals, keys, num_detections, ignored_stuff, groups)
         if ignored_stuff:
             notes.append(
                 f"{ignored_stuff} instance detections of stuff categories were not evaluated"
@@ -380,12 +461,20 @@ def evaluate(
     extra = len(set(pred.annotations) - {t.image_id for t in tasks})
     if extra:
         notes.append(f"{extra} predicted images are not in the ground truth and were ignored")
+    semantic = semantic_metrics(confusion, semantic_rule)
+    group_report = {}
+    if groups is not None:
+        group_report = group_results(groups, gt.categories, pq_total, semantic, instance)
+        if not groups["unseen"]:
+            notes.append("every ground-truth category is seen: the unseen group is empty")
     return EvalReport(
         panoptic=summarize_panoptic(pq_total, gt.categories),
-        semantic=semantic_metrics(confusion, semantic_rule),
+        semantic=semantic,
         instance=instance,
         categories=gt.categories,
         num_images=len(tasks),
         semantic_source="semantic" if pred.semantic_dir is not None else "panoptic",
         notes=notes,
+        groups=group_report,
+        seen_source=None if seen is None else seen.source,
     )

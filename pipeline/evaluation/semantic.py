@@ -70,11 +70,67 @@ def confusion_from_pairs(
     return flat.astype(np.int64).reshape(k1, k1)
 
 
-def labels_from_png(label: np.ndarray, num_classes: int, ignore_label: int = 255) -> np.ndarray:
-    """Maps a semantic PNG's ``ignore_label`` to K, the unlabelled index of the confusion matrix."""
-    out = label.astype(np.int64)
-    out[label == ignore_label] = num_classes
+def labels_from_png(
+    label: np.ndarray,
+    num_classes: int,
+    ignore_label: int = 255,
+    lut: np.ndarray | None = None,
+    *,
+    where: str = "image",
+) -> np.ndarray:
+    """Maps a semantic PNG's ``ignore_label`` to K, the unlabelled index of the confusion matrix.
+
+    Args:
+        label: The PNG's values.
+        num_classes: K.
+        ignore_label: The PNG's "unlabelled" value.
+        lut: From :func:`semantic_lut` when the values index another category list than the
+            ground truth's; None when they are ground-truth class indices already.
+        where: Names the image and file in error messages.
+
+    Raises:
+        SamcpError: If ``lut`` maps a value of the PNG to no ground-truth class.
+    """
+    if lut is None:
+        out = label.astype(np.int64)
+        out[label == ignore_label] = num_classes
+        return out
+    out = lut[label.astype(np.int64)]
+    if (out < 0).any():
+        bad = int(label[out < 0].min())
+        raise SamcpError(
+            f"{where}: semantic value {bad} names no ground-truth category through "
+            "panoptic.json's 'categories'; write positions in that list of ground-truth "
+            f"categories, {ignore_label} for unlabelled"
+        )
     return out
+
+
+def semantic_lut(
+    pred_category_ids: Sequence[int],
+    gt_index: Mapping[int, int],
+    num_classes: int,
+    ignore_label: int = 255,
+) -> np.ndarray:
+    """Ground-truth class index of each semantic PNG value when the values index another list.
+
+    ``samcp predict`` writes semantic PNGs that index its panoptic.json's ``categories`` (e.g. a
+    run's training classes only); this translates them to the ground truth's order.
+
+    Args:
+        pred_category_ids: The category id that each PNG value names, in value order.
+        gt_index: Ground-truth category id -> contiguous class index.
+        num_classes: K.
+        ignore_label: The PNG's "unlabelled" value, mapped to K.
+
+    Returns:
+        (256,) int64; -1 for values that name no ground-truth category.
+    """
+    lut = np.full(256, -1, np.int64)
+    for v, cid in enumerate(pred_category_ids[:256]):
+        lut[v] = gt_index.get(int(cid), -1)
+    lut[ignore_label] = num_classes
+    return lut
 
 
 @dataclass
