@@ -23,21 +23,26 @@ import click
     help="Ray CPU workers for precompute (0: in-process).",
 )
 def command(out: Path, num_workers: int) -> None:
-    """Run the whole pipeline end to end on a small synthetic dataset, all under --out.
+    """Run the whole pipeline end to end on a small synthetic dataset, all under --out,
+    as an open-vocabulary benchmark (train on 7 seen classes, predict all 11).
 
     \b
-    1. synth: a synthetic COCO-panoptic dataset (train and val).
-    2. precompute: both splits on local Ray, with SLIC proposals and the
-       features of a tiny random CLIP ConvNeXt.
-    3. train: the SAM-CP affinity head on the train cache (and an untrained
-       copy as a baseline).
-    4. predict + eval: PQ/SQ/RQ, mIoU and AP on val of the untrained head,
-       the trained head and the proposal oracle, printed as a table and
-       written to OUT/figures.json.
-    5. viz: pictures of the trained head's predictions in OUT/viz.
+    1. synth: a synthetic COCO-panoptic dataset (train and val) with its
+       seen-class file classes_seen.txt.
+    2. CLIP: samcp's synthetic-world CLIP (samcp synth-clip), trained once on
+       the train split and reused from the samcp cache folder.
+    3. precompute: both splits on local Ray, with SLIC proposals and the
+       CLIP's features.
+    4. train: the SAM-CP affinity head on the train cache, seen classes only
+       (and an untrained copy as a baseline).
+    5. predict + eval: all classes on val with kappa 0 (head alone) and 0.4
+       (fused with CLIP); PQ, mIoU and AP for all, seen and unseen classes
+       of the untrained head, the trained head and the proposal oracle,
+       printed as a table and written to OUT/figures.json.
+    6. viz: pictures of the trained head's predictions in OUT/viz.
 
     Set SAM_CHECKPOINT (and SAM_MODEL) or CLIP_CHECKPOINT (and CLIP_MODEL) to use real SAM or CLIP
-    weights instead. Re-running resumes: the dataset, caches and finished runs are reused.
+    weights instead. Re-running resumes: the dataset, CLIP, caches and finished runs are reused.
     """
     from samcp.pipeline.demo import run_demo
 

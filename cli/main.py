@@ -12,6 +12,7 @@ from samcp.pipeline.errors import expected_error_message
 # Sub-command modules; each defines a click command called `command`.
 _COMMAND_MODULES = [
     "synth",
+    "synth_clip",
     "eval",
     "precompute",
     "demo",

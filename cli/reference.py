@@ -24,7 +24,7 @@ import click
 REGENERATE = ".venv/bin/python -m samcp.cli.reference > docs/cli.md"
 
 # Commands in the order a reader meets them (the data flow); others follow alphabetically.
-ORDER = ("synth", "precompute", "inspect", "viz", "train", "predict", "eval", "demo")
+ORDER = ("synth", "synth-clip", "precompute", "inspect", "viz", "train", "predict", "eval", "demo")
 
 INTRO = f"""\
 <!-- Generated from the click commands by `{REGENERATE}`.

@@ -72,6 +72,29 @@ TEST_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
             "layers": 2,
         },
     },
+    # samcp's own synthetic-world CLIP (docs/synthetic-clip.md): the same layout again, trained by
+    # `samcp synth-clip` (samcp.pipeline.synthclip) on the 11 classes of `samcp synth` so that
+    # mask-pooled features land near their class's text. The trunk is timm's test_convnext (fast
+    # enough to train at the cache's 1024 geometry on a CPU); captions are short, so 32 tokens.
+    "samcp-synth-convnext": {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "timm_model_name": "test_convnext",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "mlp",
+            "timm_drop": 0.0,
+            "timm_drop_path": 0.0,
+            "image_size": 1024,
+        },
+        "text_cfg": {
+            "context_length": 32,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 2,
+            "layers": 2,
+        },
+    },
 }
 
 
@@ -317,6 +340,22 @@ class ClipConfig:
         }
 
 
+def mask_pool(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """FC-CLIP's MaskPooling: ``sum(f * m) / (sum(m) + eps)`` over a feature map.
+
+    Pure and differentiable: :meth:`ClipFeatureExtractor.mask_embeddings` and the training of
+    samcp's synthetic CLIP (:mod:`samcp.pipeline.synthclip`) share it.
+
+    Args:
+        flat: (C, fh*fw) feature map, flattened.
+        weights: (m, fh*fw) pooling weights, from :meth:`ClipFeatureExtractor.mask_weights`.
+
+    Returns:
+        (m, C) pooled features.
+    """
+    return (weights @ flat.T) / (weights.sum(1, keepdim=True) + _POOL_EPS)
+
+
 def _convnext_trunk(model: torch.nn.Module, model_name: str):
     """The timm ConvNeXt trunk of an open_clip model, or a SamcpError naming what is supported."""
     from open_clip.timm_model import TimmModel
@@ -464,8 +503,7 @@ class ClipFeatureExtractor:
         for i in range(0, len(proposals), chunk):
             masks = Proposals(h, w, proposals.rles[i : i + chunk]).decode()
             wts = self.mask_weights(torch.from_numpy(masks).to(self.device), (fh, fw))
-            # FC-CLIP MaskPooling: sum(f * m) / (sum(m) + eps) over the feature map.
-            pooled.append((wts @ flat.T) / (wts.sum(1, keepdim=True) + _POOL_EPS))
+            pooled.append(mask_pool(flat, wts))
         return self.embed_pooled(torch.cat(pooled))
 
     @torch.inference_mode()

@@ -1,15 +1,19 @@
-"""`make demo`: the whole mission end to end on embedded defaults.
+"""`make demo`: the whole mission end to end on embedded defaults, as an open-vocabulary benchmark.
 
-synth -> precompute (local Ray; SLIC proposals, or SAM when SAM_CHECKPOINT is set; CLIP features from a
-tiny random open_clip ConvNeXt, or the real one when CLIP_CHECKPOINT is set) -> train the SAM-CP
-affinity head on the cache -> predict -> PQ/SQ/RQ, mIoU and AP of the untrained head, the trained head
-and the proposal oracle -> a few pictures of the predictions.
+synth -> a CLIP that knows the synthetic world (samcp's own, trained once on the synthetic train
+split and reused from the samcp cache folder; or a real one with CLIP_CHECKPOINT) -> precompute
+(local Ray; SLIC proposals, or SAM when SAM_CHECKPOINT is set; CLIP features) -> train the SAM-CP
+affinity head on the *seen* classes only (classes_seen.txt: the synthetic analogue of COCO) ->
+predict all 11 classes (classes.txt: the analogue of ADE20K) with kappa = 0 (no CLIP) and kappa =
+0.4 (the paper's) -> PQ, mIoU and AP for all, seen and unseen classes of the untrained head, the
+trained head and the proposal oracle -> a few pictures of the predictions.
 
-Re-running resumes: the dataset, caches and a finished run are reused.
+Re-running resumes: the dataset, the CLIP, caches and finished runs are reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -32,6 +36,7 @@ DEMO_HEAD = {
     "num_decoder_layers": 3,
 }
 DEMO_STEPS = 600
+KAPPA = 0.4  # SAM-CP's CLIP weight at inference (paper, sec. 3.3)
 
 
 def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 2) -> dict:
@@ -45,12 +50,13 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 
     t0 = time.perf_counter()
     data = out / "synth"
     if not (data / "annotations").exists():
-        echo(f"[1/5] synth: writing a synthetic COCO-panoptic dataset to {data}")
+        echo(f"[1/6] synth: writing a synthetic COCO-panoptic dataset to {data}")
         make_synthetic_dataset(data, seed=0)
     else:
-        echo(f"[1/5] synth: reusing {data}")
+        echo(f"[1/6] synth: reusing {data}")
 
-    proposals, clip_cfg, random_clip = _models(out, echo)
+    clip_cfg = _clip(data, echo)
+    proposals = _proposals(echo)
     figures: dict = {}
     for split in ("train2017", "val2017"):
         cache = out / f"cache_{split}.zarr"
@@ -75,18 +81,23 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 
 
     from samcp.pipeline.train import TrainConfig, run_training
 
+    seen_file = data / "classes_seen.txt"
     runs = {}
     for name, steps in (("untrained", 0), ("trained", DEMO_STEPS)):
         run = out / f"run_{name}"
         runs[name] = run
         if (run / "model" / "model.safetensors").exists():
-            echo(f"[3/5] train: reusing {run}")
+            echo(f"[4/6] train: reusing {run}")
             continue
-        echo(f"[3/5] train: {name} affinity head, {steps} steps on the train cache -> {run}")
+        echo(
+            f"[4/6] train: {name} affinity head, {steps} steps on the train cache, seen classes "
+            f"only ({seen_file.name}) -> {run}"
+        )
         cfg = TrainConfig(
             cache=str(out / "cache_train2017.zarr"),
             dataset=str(data),
             out=str(run),
+            classes=str(seen_file),
             head_overrides=DEMO_HEAD,
             clip_checkpoint=str(clip_cfg.checkpoint),
             steps=steps,
@@ -103,54 +114,96 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 
             )
 
     echo(
-        "[4/5] predict + eval on val2017"
-        + (
-            " (kappa=0: the demo's CLIP is random, so only the trained classifier labels patches)"
-            if random_clip
-            else ""
-        )
+        f"[5/6] predict all {len(_class_ids(data / 'classes.txt'))} classes on val2017 "
+        f"(kappa = 0: the head alone; kappa = {KAPPA}: fused with CLIP) + eval"
     )
     val_cache = out / "cache_val2017.zarr"
-    for name, run in runs.items():
-        figures[name] = _predict_and_eval(
-            run, val_cache, data, out / f"pred_{name}", kappa=0.0 if random_clip else None
+    rows = (
+        ("untrained", runs["untrained"], KAPPA),
+        ("trained, kappa 0", runs["trained"], 0.0),
+        (f"trained, kappa {KAPPA}", runs["trained"], KAPPA),
+    )
+    for label, run, kappa in rows:
+        pred = out / f"pred_{run.name.removeprefix('run_')}_kappa{kappa:g}"
+        figures[label] = _predict_and_eval(
+            run, val_cache, data, pred, kappa=kappa, vocabulary=data / "classes.txt",
+            clip_checkpoint=clip_cfg.checkpoint,
         )
     figures["oracle"] = _oracle(data, val_cache, out / "pred_oracle")
-    _print_table(figures, echo)
+    figures["total_s"] = time.perf_counter() - t0
+    _print_table(figures, [label for label, _, _ in rows] + ["oracle"], echo)
 
-    echo("[5/5] viz: pictures of trained predictions")
-    for path in _viz(out / "pred_trained", data, out / "viz", n=4):
+    echo("[6/6] viz: pictures of the trained head's predictions (kappa 0.4)")
+    for path in _viz(out / f"pred_trained_kappa{KAPPA:g}", data, out / "viz", n=4):
         echo(f"      {path}")
     (out / "figures.json").write_text(json.dumps(figures, indent=1, default=float))
     echo(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return figures
 
 
-def _models(out: Path, echo) -> tuple[ProposalConfig, object, bool]:
-    from samcp.pipeline.clip import ClipConfig, make_random_clip_checkpoint
-
+def _proposals(echo) -> ProposalConfig:
     ckpt = os.environ.get("SAM_CHECKPOINT")
     if ckpt:
         model = os.environ.get("SAM_MODEL", "vit_h")
-        proposals = ProposalConfig(
+        echo(f"[3/6] precompute: SAM {model} everything mode from {ckpt}")
+        return ProposalConfig(
             source="sam", sam_model=model, sam_checkpoint=ckpt, sam=SamEverythingParams()
         )
-        echo(f"[2/5] precompute: SAM {model} everything mode from {ckpt}")
-    else:
-        proposals = ProposalConfig(source="slic")
-        echo("[2/5] precompute: SLIC proposals (SAM_CHECKPOINT=/path/sam_vit_h.pth for SAM)")
+    echo("[3/6] precompute: SLIC proposals (SAM_CHECKPOINT=/path/sam_vit_h.pth for SAM)")
+    return ProposalConfig(source="slic")
+
+
+def _clip(data: Path, echo):
+    """The demo's CLIP: CLIP_CHECKPOINT, else samcp's synthetic-world CLIP, trained once on the
+    synthetic train split and kept in the samcp cache folder under a key of everything that
+    decides its weights (the training annotations, the recipe's code, the settings)."""
+    from samcp.pipeline.clip import ClipConfig
+    from samcp.pipeline.files import file_sha256
+    from samcp.pipeline.synthclip import SYNTH_CLIP_MODEL, train_synth_clip
+
     clip_ckpt = os.environ.get("CLIP_CHECKPOINT")
     if clip_ckpt:
-        clip_cfg = ClipConfig(
+        cfg = ClipConfig(
             model=os.environ.get("CLIP_MODEL", "convnext_large_d_320"), checkpoint=clip_ckpt
         )
-        echo(f"      CLIP {clip_cfg.model} from {clip_ckpt}")
-        return proposals, clip_cfg, False
-    path = out / "clip_samcp-test-convnext_random.pt"
-    if not path.exists():
-        make_random_clip_checkpoint(path)
-    echo("      CLIP: a tiny random open_clip ConvNeXt (CLIP_CHECKPOINT=... for a real one)")
-    return proposals, ClipConfig(model="samcp-test-convnext", checkpoint=str(path)), True
+        echo(f"[2/6] CLIP: {cfg.model} from {clip_ckpt}")
+        return cfg
+    import samcp.pipeline.clip as clip_module
+    import samcp.pipeline.synthclip as recipe
+
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "annotations": file_sha256(data / "annotations" / "panoptic_train2017.json"),
+                "recipe": file_sha256(recipe.__file__),
+                "config_and_pooling": file_sha256(clip_module.__file__),
+                "model": SYNTH_CLIP_MODEL,
+                "seed": 0,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    path = _samcp_cache_dir() / "synth-clip" / f"{SYNTH_CLIP_MODEL}-{key}.pt"
+    if path.is_file():
+        echo(f"[2/6] CLIP: reusing samcp's synthetic-world CLIP {path}")
+    else:
+        echo(f"[2/6] CLIP: training samcp's synthetic-world CLIP on {data}/train2017 -> {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        summary = train_synth_clip(data, path, seed=0)
+        echo(
+            f"      {summary.prepare_s + summary.train_s:.0f} s, region accuracy "
+            f"{100 * summary.final_region_accuracy:.0f}% (CLIP_CHECKPOINT=... for a real CLIP)"
+        )
+    return ClipConfig(model=SYNTH_CLIP_MODEL, checkpoint=str(path))
+
+
+def _samcp_cache_dir() -> Path:
+    root = os.environ.get("SAMCP_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "samcp"
+
+
+def _class_ids(class_file: Path) -> list[int]:
+    return [int(line.split(":", 1)[0]) for line in class_file.read_text().splitlines() if line]
 
 
 def cache_summary(cache: Path) -> dict:
@@ -169,14 +222,21 @@ def cache_summary(cache: Path) -> dict:
     }
 
 
-def _predict_and_eval(run: Path, cache: Path, data: Path, pred: Path, kappa) -> dict:
+def _predict_and_eval(
+    run: Path, cache: Path, data: Path, pred: Path, *, kappa, vocabulary: Path, clip_checkpoint
+) -> dict:
     from samcp.pipeline.evaluation import evaluate, resolve_ground_truth
+    from samcp.pipeline.evaluation.groups import read_seen_classes
     from samcp.pipeline.predict import predict_run
 
     # Stuff regions below ~1% of these 320x240 images are dropped (detectron2's 4096 px is for COCO).
-    predict_run(run, cache, pred, kappa=kappa, stuff_area_min=800, progress=False)
+    predict_run(
+        run, cache, pred, vocabulary=str(vocabulary), clip_checkpoint=str(clip_checkpoint),
+        kappa=kappa, stuff_area_min=800, progress=False,
+    )
     gt_json, gt_png = resolve_ground_truth(data, "val2017")
-    return evaluate(gt_json, gt_png, pred, workers=2).to_dict()
+    seen = read_seen_classes(data / "classes_seen.txt")
+    return evaluate(gt_json, gt_png, pred, workers=2, seen=seen).to_dict()
 
 
 def _oracle(data: Path, cache: Path, pred_dir: Path) -> dict:
@@ -187,30 +247,38 @@ def _oracle(data: Path, cache: Path, pred_dir: Path) -> dict:
         evaluate,
         resolve_ground_truth,
     )
+    from samcp.pipeline.evaluation.groups import read_seen_classes
 
     gt_json, gt_png = resolve_ground_truth(data, "val2017")
     build_oracle_predictions(gt_json, gt_png, cache_proposals(cache), pred_dir, workers=2)
-    return evaluate(gt_json, gt_png, pred_dir, workers=2).to_dict()
+    seen = read_seen_classes(data / "classes_seen.txt")
+    return evaluate(gt_json, gt_png, pred_dir, workers=2, seen=seen).to_dict()
 
 
-def _print_table(figures: dict, echo) -> None:
+def _print_table(figures: dict, rows: list[str], echo) -> None:
     def get(d, *path):
         for p in path:
             d = (d or {}).get(p)
         return float("nan") if d is None else float(d)
 
+    def group(f, name, *path):
+        return get(f, *path) if name == "all" else get(f, "groups", name, *path)
+
     echo("")
-    echo("      val2017          |    PQ     SQ     RQ   PQth   PQst |  mIoU |    AP")
-    echo("      -----------------+-----------------------------------+-------+------")
-    for name in ("untrained", "trained", "oracle"):
+    echo("      val2017, 11 classes     |      PQ             |     mIoU            |  AP")
+    echo("      (trained on 7 seen)     |  all  seen unseen   |  all  seen unseen   | all")
+    echo("      ------------------------+---------------------+---------------------+-----")
+    for name in rows:
         f = figures[name]
-        echo(
-            f"      {name:<16} | {get(f, 'panoptic', 'all', 'pq'):5.1f}  "
-            f"{get(f, 'panoptic', 'all', 'sq'):5.1f}  {get(f, 'panoptic', 'all', 'rq'):5.1f}  "
-            f"{get(f, 'panoptic', 'things', 'pq'):5.1f}  {get(f, 'panoptic', 'stuff', 'pq'):5.1f} |"
-            f" {get(f, 'semantic', 'miou'):5.1f} | {get(f, 'instance', 'ap'):5.1f}"
+        pq = "  ".join(f"{group(f, g, 'panoptic', 'all', 'pq'):5.1f}" for g in _GROUPS)
+        miou = "  ".join(
+            f"{group(f, g, 'semantic', 'miou'):5.1f}" for g in _GROUPS
         )
+        echo(f"      {name:<23} | {pq} | {miou} | {get(f, 'instance', 'ap'):4.1f}")
     echo("")
+
+
+_GROUPS = ("all", "seen", "unseen")
 
 
 def _viz(pred: Path, data: Path, out: Path, n: int) -> list[Path]:
