@@ -37,6 +37,7 @@ DEFAULT_INPUT_SIZE = 1024
     type=int,
     help="Cache geometry to train at: the --clip-input-size precompute will use.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def command(
     dataset: Path,
@@ -46,6 +47,7 @@ def command(
     batch_size: int,
     seed: int,
     input_size: int,
+    overwrite: bool,
     no_progress: bool,
 ) -> None:
     """Train a small open_clip model that knows the synthetic world of DATASET (a `samcp synth`
@@ -63,6 +65,7 @@ def command(
         input_size=input_size,
         batch_size=batch_size,
         progress=not no_progress,
+        overwrite=overwrite,
     )
     click.echo(
         f"wrote {s.out} ({s.model}, {s.steps} steps at {s.input_size} px on {s.images} images: "

@@ -376,6 +376,7 @@ def train_synth_clip(
     caption_draws: int = 3,
     limit: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> SynthClipSummary:
     """Trains samcp's synthetic-world CLIP on a COCO-panoptic dataset and saves its state dict.
 
@@ -406,6 +407,7 @@ def train_synth_clip(
             loss is averaged over them. The text tower is cheap next to the image tower.
         limit: Only the first N images of the split (tests, quick looks).
         progress: Show tqdm progress bars on stderr.
+        overwrite: Replace an existing file at ``out`` (otherwise refused).
 
     Returns:
         What was done (:class:`SynthClipSummary`).
@@ -418,6 +420,10 @@ def train_synth_clip(
 
     t0 = time.perf_counter()
     out = check_out_file(out, "--out")
+    if out.exists() and not overwrite:
+        raise SamcpError(
+            f"--out {out} already exists; pass --overwrite to replace it, or choose another path"
+        )
     if steps < 1:
         raise SamcpError(f"--steps must be at least 1, got {steps}")
     if batch_size < 1:

@@ -292,3 +292,14 @@ def test_zero_shot_mask_classification_beats_a_random_clip(tmp_path):
     assert acc["trained"].primary_name_accuracy >= 0.7
     assert acc["trained"].synonym_accuracy >= 0.7
     assert acc["trained"].accuracy >= acc["random"].accuracy + 0.4
+
+
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite(tiny_synth, tmp_path):
+    out = tmp_path / "mine.pt"
+    out.write_bytes(b"someone's file")
+    kw = dict(steps=2, input_size=128, limit=2, progress=False)
+    with pytest.raises(SamcpError, match="--overwrite"):
+        train_synth_clip(tiny_synth, out, **kw)
+    assert out.read_bytes() == b"someone's file"
+    train_synth_clip(tiny_synth, out, overwrite=True, **kw)
+    assert out.read_bytes() != b"someone's file"
