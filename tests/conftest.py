@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,3 +67,17 @@ def tiny_train_cache(tmp_path_factory) -> tuple[Path, Path, Path]:
         )
     )
     return root, data, clip_ckpt
+
+
+@pytest.fixture
+def ray_precompute_argv() -> Callable[[Path, Path], list[str]]:
+    """``samcp precompute DATA --out OUT`` as a subprocess command: SLIC, one image per shard, one
+    local-Ray worker (the kill -9 tests run it and kill parts of it)."""
+
+    def build(data: Path, out: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "samcp.cli.main", "precompute", str(data), "--out", str(out),
+            "--proposals", "slic", "--shard-size", "1", "--num-workers", "1", "--no-progress",
+        ]
+
+    return build

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -261,29 +260,14 @@ def _shard_worker_pids() -> list[int]:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds Ray workers in /proc")
-def test_ray_worker_killed_mid_run_is_restarted(dataset, tmp_path):
+def test_ray_worker_killed_mid_run_is_restarted(dataset, tmp_path, ray_precompute_argv):
     """SIGKILL a Ray worker while it works: Ray restarts it, its shard is redone, nothing lost."""
     # Images large enough that SLIC takes a noticeable time, so the kill lands mid-run.
     data = tmp_path / "big"
     make_synthetic_dataset(data, seed=5, num_train=1, num_val=10, height=360, width=480)
     pre.run_precompute(_cfg(data, tmp_path / "ref", shard_size=1))
     out = tmp_path / "ray"
-    cmd = [
-        sys.executable,
-        "-m",
-        "samcp.cli.main",
-        "precompute",
-        str(data),
-        "--out",
-        str(out),
-        "--proposals",
-        "slic",
-        "--shard-size",
-        "1",
-        "--num-workers",
-        "1",
-        "--no-progress",
-    ]
+    cmd = ray_precompute_argv(data, out)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
     deadline = time.time() + 120

@@ -542,27 +542,14 @@ def _descendants(pid: int) -> dict[int, str]:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states in /proc")
-def test_kill_9_of_a_ray_driver_leaves_no_ray_process_and_the_rerun_resumes(tmp_path):
+def test_kill_9_of_a_ray_driver_leaves_no_ray_process_and_the_rerun_resumes(
+    tmp_path, ray_precompute_argv
+):
     pytest.importorskip("ray")  # also puts Ray's bundled psutil on the path
     data = tmp_path / "data"
     make_synthetic_dataset(data, seed=6, num_train=0, num_val=8, height=200, width=260)
     out = tmp_path / "cache"
-    cmd = [
-        sys.executable,
-        "-m",
-        "samcp.cli.main",
-        "precompute",
-        str(data),
-        "--out",
-        str(out),
-        "--proposals",
-        "slic",
-        "--shard-size",
-        "1",
-        "--num-workers",
-        "1",
-        "--no-progress",
-    ]
+    cmd = ray_precompute_argv(data, out)
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: dict[int, str] = {}
     try:
