@@ -20,7 +20,8 @@ DEFAULT_INPUT_SIZE = 1024
     "--out",
     required=True,
     type=click.Path(path_type=Path),
-    help="Checkpoint file to write (a plain open_clip state dict; an existing file is replaced).",
+    help="Checkpoint file to write (a plain open_clip state dict); an existing file is refused "
+    "unless --overwrite.",
 )
 @click.option("--split", default="train2017", show_default=True, help="Split folder to train on.")
 @click.option(

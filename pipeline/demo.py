@@ -24,6 +24,7 @@ from samcp.pipeline.outputs import prepare_output_dir, write_marker
 from samcp.pipeline.precompute import PrecomputeConfig, run_precompute
 from samcp.pipeline.proposals import ProposalConfig
 from samcp.pipeline.proposals.sam_params import SamEverythingParams
+from samcp.pipeline.vocab import read_vocabulary
 
 # A head between the test-size preset and the paper's size: trains in minutes on two CPU cores.
 DEMO_HEAD = {
@@ -55,7 +56,7 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 
     else:
         echo(f"[1/6] synth: reusing {data}")
 
-    clip_cfg = _clip(data, echo)
+    clip_cfg = _clip(data, out, echo)
     proposals = _proposals(echo)
     figures: dict = {}
     for split in ("train2017", "val2017"):
@@ -114,7 +115,7 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 
             )
 
     echo(
-        f"[5/6] predict all {len(_class_ids(data / 'classes.txt'))} classes on val2017 "
+        f"[5/6] predict all {len(read_vocabulary(data / 'classes.txt').ids)} classes on val2017 "
         f"(kappa = 0: the head alone; kappa = {KAPPA}: fused with CLIP) + eval"
     )
     val_cache = out / "cache_val2017.zarr"
@@ -131,7 +132,13 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 
         )
     figures["oracle"] = _oracle(data, val_cache, out / "pred_oracle")
     figures["total_s"] = time.perf_counter() - t0
-    _print_table(figures, [label for label, _, _ in rows] + ["oracle"], echo)
+    _print_table(
+        figures,
+        [label for label, _, _ in rows] + ["oracle"],
+        len(read_vocabulary(data / "classes.txt").ids),
+        len(read_vocabulary(seen_file).ids),
+        echo,
+    )
 
     echo("[6/6] viz: pictures of the trained head's predictions (kappa 0.4)")
     for path in _viz(out / f"pred_trained_kappa{KAPPA:g}", data, out / "viz", n=4):
@@ -153,13 +160,14 @@ def _proposals(echo) -> ProposalConfig:
     return ProposalConfig(source="slic")
 
 
-def _clip(data: Path, echo):
+def _clip(data: Path, out: Path, echo):
     """The demo's CLIP: CLIP_CHECKPOINT, else samcp's synthetic-world CLIP, trained once on the
     synthetic train split and kept in the samcp cache folder under a key of everything that
     decides its weights (the training annotations, the recipe's code, the settings)."""
     from samcp.pipeline.clip import ClipConfig
     from samcp.pipeline.files import file_sha256
     from samcp.pipeline.synthclip import SYNTH_CLIP_MODEL, train_synth_clip
+    from samcp.pipeline.vocab import samcp_cache_dir
 
     clip_ckpt = os.environ.get("CLIP_CHECKPOINT")
     if clip_ckpt:
@@ -183,27 +191,24 @@ def _clip(data: Path, echo):
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
-    path = _samcp_cache_dir() / "synth-clip" / f"{SYNTH_CLIP_MODEL}-{key}.pt"
+    folder = samcp_cache_dir() / "synth-clip"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # an unwritable cache folder: keep the CLIP with the demo's outputs
+        echo(f"      cannot use {folder} ({exc.strerror}); keeping the CLIP in {out}")
+        folder = out / "synth-clip"
+        folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{SYNTH_CLIP_MODEL}-{key}.pt"
     if path.is_file():
         echo(f"[2/6] CLIP: reusing samcp's synthetic-world CLIP {path}")
     else:
         echo(f"[2/6] CLIP: training samcp's synthetic-world CLIP on {data}/train2017 -> {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         summary = train_synth_clip(data, path, seed=0)
         echo(
             f"      {summary.prepare_s + summary.train_s:.0f} s, region accuracy "
             f"{100 * summary.final_region_accuracy:.0f}% (CLIP_CHECKPOINT=... for a real CLIP)"
         )
     return ClipConfig(model=SYNTH_CLIP_MODEL, checkpoint=str(path))
-
-
-def _samcp_cache_dir() -> Path:
-    root = os.environ.get("SAMCP_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "samcp"
-
-
-def _class_ids(class_file: Path) -> list[int]:
-    return [int(line.split(":", 1)[0]) for line in class_file.read_text().splitlines() if line]
 
 
 def cache_summary(cache: Path) -> dict:
@@ -255,7 +260,7 @@ def _oracle(data: Path, cache: Path, pred_dir: Path) -> dict:
     return evaluate(gt_json, gt_png, pred_dir, workers=2, seen=seen).to_dict()
 
 
-def _print_table(figures: dict, rows: list[str], echo) -> None:
+def _print_table(figures: dict, rows: list[str], n_all: int, n_seen: int, echo) -> None:
     def get(d, *path):
         for p in path:
             d = (d or {}).get(p)
@@ -265,8 +270,8 @@ def _print_table(figures: dict, rows: list[str], echo) -> None:
         return get(f, *path) if name == "all" else get(f, "groups", name, *path)
 
     echo("")
-    echo("      val2017, 11 classes     |      PQ             |     mIoU            |  AP")
-    echo("      (trained on 7 seen)     |  all  seen unseen   |  all  seen unseen   | all")
+    echo(f"      {f'val2017, {n_all} classes':<23} |      PQ             |     mIoU            |  AP")
+    echo(f"      {f'(trained on {n_seen} seen)':<23} |  all  seen unseen   |  all  seen unseen   | all")
     echo("      ------------------------+---------------------+---------------------+-----")
     for name in rows:
         f = figures[name]

@@ -413,10 +413,15 @@ class TextEmbedder:
 _CACHE_FORMAT = 1
 
 
+def samcp_cache_dir() -> Path:
+    """samcp's cache folder for derived artefacts: ``$SAMCP_CACHE_DIR``, else ``~/.cache/samcp``."""
+    root = os.environ.get("SAMCP_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "samcp"
+
+
 def default_text_cache_dir() -> Path:
     """``$SAMCP_CACHE_DIR/text`` if set, else ``~/.cache/samcp/text``."""
-    root = os.environ.get("SAMCP_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "samcp") / "text"
+    return samcp_cache_dir() / "text"
 
 
 def text_cache_key(
