@@ -493,6 +493,11 @@ def train_synth_clip(
         raise SamcpError(
             f"{dataset.json_path}: no image has a labelled segment; nothing to train on"
         )
+    if batch_size > len(regions):
+        raise SamcpError(
+            f"--batch-size {batch_size} is more than the {len(regions)} training images with "
+            "labelled segments; pass a smaller --batch-size"
+        )
     t_prep = time.perf_counter() - t0
 
     counts = torch.bincount(torch.cat([r.labels for r in regions]), minlength=len(vocab))

@@ -303,3 +303,12 @@ def test_an_existing_checkpoint_is_replaced_only_with_overwrite(tiny_synth, tmp_
     assert out.read_bytes() == b"someone's file"
     train_synth_clip(tiny_synth, out, overwrite=True, **kw)
     assert out.read_bytes() != b"someone's file"
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(tiny_synth, tmp_path):
+    with pytest.raises(SamcpError, match="--batch-size 3 is more than the 2 training images"):
+        train_synth_clip(
+            tiny_synth, tmp_path / "c.pt", steps=1, input_size=128, limit=2, batch_size=3,
+            progress=False,
+        )
+    assert not (tmp_path / "c.pt").exists()
