@@ -13,8 +13,6 @@ from pathlib import Path
 from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.outputs import LOCK_FILE
 
-LOCK_NAME = LOCK_FILE
-
 
 class FolderLock:
     """Exclusive claim of one samcp run on a local output folder (a cache, a training run).
@@ -41,7 +39,7 @@ class FolderLock:
     ) -> None:
         self.folder = Path(folder)
         self.what, self.command = what, command
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / LOCK_FILE
         self._content: bytes | None = None
         self._made_folder = False
 
@@ -98,23 +96,6 @@ class FolderLock:
         raise SamcpError(
             f"{self.what} {self.folder} is being locked and unlocked by other runs; "
             "wait for them to finish, or use another --out"
-        )
-
-    def ensure(self) -> None:
-        """Puts the lock file back if something removed it while held (an old ``init_cache``
-        emptied the folder when it created a cache).
-
-        Raises:
-            SamcpError: another run took the lock in the meantime.
-        """
-        holder, raw = self._read_holder()
-        if raw == self._content:
-            return
-        if raw is None and self._create():
-            return
-        raise SamcpError(
-            f"{self.what} {self.folder}: another run took its lock while this one started "
-            f"({_holder_words(holder or {})}); let it finish, then re-run to resume"
         )
 
     def release(self) -> None:
@@ -178,7 +159,7 @@ class FolderLock:
 
     def _take_over(self, stale: bytes) -> bool:
         """Removes a stale lock file unless another run replaced it meanwhile."""
-        aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+        aside = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
         try:
             os.replace(self.path, aside)
         except FileNotFoundError:

@@ -315,8 +315,6 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         lock.acquire()
     try:
         done = open_cache(cfg, attrs)
-        if lock is not None:
-            lock.ensure()
         summary = _run(cfg, shards, done, t0)
     finally:
         if lock is not None:
