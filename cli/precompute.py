@@ -37,7 +37,8 @@ def _clip_config(checkpoint, model, levels, input_size, no_dense):
     )
 
 
-# Options read by one proposal source only; naming them for another source does nothing.
+# Options read by one proposal source only; naming them for another source does nothing (except
+# --sam-model, which also names the SAM of --store-sam-embeddings for any source).
 _SAM_TUNING = (
     "sam_model",
     "points_per_side",
@@ -62,20 +63,25 @@ def _flags(ctx: click.Context, names: list[str]) -> str:
     return ", ".join(by_name[n] for n in names)
 
 
-def _check_options(ctx: click.Context, source_kind: str, num_workers: int) -> None:
+def _check_options(
+    ctx: click.Context, source_kind: str, num_workers: int, store_sam_embeddings: bool = False
+) -> None:
     """Refuses options that contradict the run and warns about tuning that it will ignore.
 
-    Paths given to something that never reads them (a SAM checkpoint for SLIC proposals) and CLIP
-    settings without CLIP are refused: the user expects an effect that would silently not happen.
-    Tuning values for another proposal source only get a warning on stderr.
+    Paths given to something that never reads them (a SAM checkpoint for SLIC proposals without
+    --store-sam-embeddings) and CLIP settings without CLIP are refused: the user expects an effect
+    that would silently not happen. Tuning values for another proposal source only get a warning on
+    stderr.
 
     Raises:
         SamcpError: a contradiction, naming the option and the fix.
     """
-    if source_kind != "sam" and _given(ctx, "sam_checkpoint"):
+    sam_embed_only = source_kind != "sam" and store_sam_embeddings
+    if source_kind != "sam" and not sam_embed_only and _given(ctx, "sam_checkpoint"):
         raise SamcpError(
-            f"--sam-checkpoint is read only by --proposals sam, not --proposals {source_kind}; "
-            "drop it, or pass --proposals sam to make SAM proposals"
+            f"--sam-checkpoint is read only by --proposals sam and --store-sam-embeddings, not "
+            f"--proposals {source_kind} alone; drop it, pass --proposals sam to make SAM "
+            "proposals, or add --store-sam-embeddings to store SAM's image embedding"
         )
     if source_kind != "external" and _given(ctx, "external_path"):
         raise SamcpError(
@@ -96,7 +102,9 @@ def _check_options(ctx: click.Context, source_kind: str, num_workers: int) -> No
         )
     ignored = []
     if source_kind != "sam":
-        ignored += [n for n in _SAM_TUNING if _given(ctx, n)]
+        ignored += [
+            n for n in _SAM_TUNING if _given(ctx, n) and not (sam_embed_only and n == "sam_model")
+        ]
     if source_kind != "slic":
         ignored += [n for n in _SLIC_TUNING if _given(ctx, n)]
     if ignored:
@@ -134,16 +142,17 @@ def _check_options(ctx: click.Context, source_kind: str, num_workers: int) -> No
 )
 @click.option(
     "--sam-model",
-    type=click.Choice(["vit_h", "vit_l", "vit_b", "vit_test"]),
+    type=click.Choice(["vit_h", "vit_l", "vit_b", "vit_tiny", "vit_test"]),
     default="vit_h",
     show_default=True,
-    help="SAM architecture of the checkpoint.",
+    help="SAM architecture of the checkpoint (vit_tiny, vit_test: samcp's random test models).",
 )
 @click.option(
     "--sam-checkpoint",
     type=click.Path(path_type=str),
     default=None,
-    help="segment_anything checkpoint (.pth), e.g. sam_vit_h_4b8939.pth.",
+    help="segment_anything checkpoint (.pth), e.g. sam_vit_h_4b8939.pth: the SAM of --proposals "
+    "sam, or of --store-sam-embeddings with other proposals.",
 )
 @click.option(
     "--points-per-side",
@@ -257,7 +266,9 @@ def _check_options(ctx: click.Context, source_kind: str, num_workers: int) -> No
 @click.option(
     "--store-sam-embeddings",
     is_flag=True,
-    help="Also store SAM's image embedding (sam_embed), from the same encoder pass.",
+    help="Also store SAM's image embedding (sam_embed): from the same encoder pass as SAM "
+    "proposals, or with slic/external proposals from a SAM pass that only computes the embedding "
+    "(needs --sam-checkpoint).",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -299,7 +310,7 @@ def command(
     """
     from samcp.pipeline.precompute import AllImagesFailed, PrecomputeConfig, run_precompute
 
-    _check_options(ctx, source_kind, num_workers)
+    _check_options(ctx, source_kind, num_workers, store_sam_embeddings)
 
     proposals = ProposalConfig(
         source=source_kind,

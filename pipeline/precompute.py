@@ -44,8 +44,9 @@ class PrecomputeConfig:
     ray_address: join this Ray cluster instead of starting a local instance.
     overwrite: delete an existing cache at ``out`` first.
     limit: only the first N images (quick looks).
-    store_sam_embeddings: also store SAM's image embedding (``sam_embed``), from the same encoder
-        pass as the proposals (SAM proposals only).
+    store_sam_embeddings: also store SAM's image embedding (``sam_embed``): from the same encoder
+        pass as SAM proposals, or, for ``slic`` and ``external`` proposals, from a SAM pass that only
+        computes the embedding (needs ``proposals.sam_checkpoint`` and ``proposals.sam_model``).
     clip: frozen-CLIP features to store (dense maps and mask-pooled embeddings), or None.
     redo_failed: also redo complete shards that hold failed rows (e.g. after fixing files).
     """
@@ -149,7 +150,7 @@ class ImageProcessor:
 
     def __init__(self, cfg: PrecomputeConfig, device: str) -> None:
         self.cfg = cfg
-        self.proposals = ProposalSource(cfg.proposals, device)
+        self.proposals = ProposalSource(cfg.proposals, device, cfg.store_sam_embeddings)
         self.clip = None
         if cfg.clip is not None:
             from samcp.pipeline.clip import ClipFeatureExtractor
@@ -158,7 +159,11 @@ class ImageProcessor:
 
     @property
     def needs_pixels(self) -> bool:
-        return self.cfg.proposals.source != "external" or self.clip is not None
+        return (
+            self.cfg.proposals.source != "external"
+            or self.clip is not None
+            or self.cfg.store_sam_embeddings
+        )
 
     def __call__(self, rec: ImageRecord) -> cache_io.ImageResult:
         """One image's row; any failure (unreadable file, size mismatch) becomes a failed row."""
@@ -240,29 +245,23 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
     """
     from samcp.pipeline.foundation import file_sha256
 
-    cfg.proposals.validate()
+    cfg.proposals.validate(cfg.store_sam_embeddings)
+    uses_sam = cfg.proposals.uses_sam(cfg.store_sam_embeddings)
     records = open_image_source(Path(cfg.source), cfg.split)
     if cfg.limit is not None:
         records = records[: cfg.limit]
     if not records:
         raise SamcpError(f"no images in {cfg.source}; check the path and --split")
     shards = shard_records(records, cfg.shard_size)
-    sha = None
-    if cfg.proposals.source == "sam":
-        sha = file_sha256(cfg.proposals.sam_checkpoint)
-    if cfg.store_sam_embeddings and cfg.proposals.source != "sam":
-        raise SamcpError(
-            "--store-sam-embeddings needs SAM proposals (--proposals sam) so that the embedding "
-            "comes from the same encoder pass"
-        )
+    sha = file_sha256(cfg.proposals.sam_checkpoint) if uses_sam else None
     attrs = {
-        **cfg.proposals.cache_attrs(sha),
+        **cfg.proposals.cache_attrs(sha, cfg.store_sam_embeddings),
         "clip": _clip_attrs(cfg.clip),
         "sam_embed": bool(cfg.store_sam_embeddings),
         "dataset": dataset_attrs(records, cfg.shard_size),
         "dataset_source": cache_io.dataset_source_attrs(cfg.source, cfg.split),
     }
-    if cfg.proposals.source == "sam":
+    if uses_sam:
         # Fail early, in the driver, on a checkpoint that does not load (wrong file or arch).
         from samcp.pipeline.foundation import load_sam
 

@@ -20,7 +20,12 @@ SOURCES = ("sam", "slic", "external")
 
 @dataclass(frozen=True)
 class ProposalConfig:
-    """Which proposal source to run and its settings."""
+    """Which proposal source to run and its settings.
+
+    ``sam_model`` / ``sam_checkpoint`` name the SAM that makes ``sam`` proposals, and the SAM whose
+    image embedding is stored (``store_sam_embeddings``) for any source: with ``slic`` or
+    ``external`` proposals, SAM then runs only its image encoder, for the embedding.
+    """
 
     source: str = "slic"
     sam_model: str = "vit_h"
@@ -29,7 +34,11 @@ class ProposalConfig:
     slic: SlicParams = field(default_factory=SlicParams)
     external_path: str | None = None
 
-    def validate(self) -> None:
+    def uses_sam(self, store_sam_embeddings: bool = False) -> bool:
+        """True when the run loads SAM: SAM proposals, or SAM embeddings for any source."""
+        return self.source == "sam" or bool(store_sam_embeddings)
+
+    def validate(self, store_sam_embeddings: bool = False) -> None:
         """Raises SamcpError for settings that cannot work, before any worker starts."""
         from pathlib import Path
 
@@ -37,23 +46,36 @@ class ProposalConfig:
             raise SamcpError(
                 f"unknown proposal source {self.source!r}; use one of {', '.join(SOURCES)}"
             )
-        if self.source == "sam":
-            if not self.sam_checkpoint:
-                raise SamcpError(
-                    "--proposals sam needs --sam-checkpoint PATH (a segment_anything .pth file); "
-                    "without SAM weights use --proposals slic"
-                )
-            if not Path(self.sam_checkpoint).is_file():
-                raise SamcpError(
-                    f"SAM checkpoint not found: {self.sam_checkpoint}; check --sam-checkpoint"
-                )
+        if self.source == "sam" and not self.sam_checkpoint:
+            raise SamcpError(
+                "--proposals sam needs --sam-checkpoint PATH (a segment_anything .pth file); "
+                "without SAM weights use --proposals slic"
+            )
+        if store_sam_embeddings and not self.sam_checkpoint:
+            raise SamcpError(
+                "--store-sam-embeddings needs SAM proposals or SAM weights: add --sam-checkpoint "
+                "PATH (a segment_anything .pth file, and its --sam-model) to compute the embedding "
+                f"with SAM's encoder next to the {self.source} proposals, or drop "
+                "--store-sam-embeddings"
+            )
+        if self.uses_sam(store_sam_embeddings) and not Path(self.sam_checkpoint).is_file():
+            raise SamcpError(
+                f"SAM checkpoint not found: {self.sam_checkpoint}; check --sam-checkpoint"
+            )
         if self.source == "external" and not self.external_path:
             raise SamcpError(
                 "--proposals external needs --external PATH (folder or COCO results JSON)"
             )
 
-    def cache_attrs(self, checkpoint_sha256: str | None = None) -> dict:
-        """Root attributes describing the proposals (compared on resume)."""
+    def cache_attrs(
+        self, checkpoint_sha256: str | None = None, store_sam_embeddings: bool = False
+    ) -> dict:
+        """Root attributes describing the proposals and the SAM used (compared on resume).
+
+        ``sam`` records the SAM that ran: for SAM proposals its model, checkpoint and everything-mode
+        parameters; for SAM embeddings next to other proposals its model and checkpoint with
+        ``params`` null (only the encoder ran); else null.
+        """
         attrs: dict = {"proposals": {"source": self.source}, "sam": None}
         if self.source == "sam":
             attrs["proposals"]["params"] = self.sam.cache_params()
@@ -66,20 +88,34 @@ class ProposalConfig:
             attrs["proposals"]["params"] = self.slic.cache_params()
         else:
             attrs["proposals"]["params"] = {"path": str(self.external_path)}
+        if self.source != "sam" and store_sam_embeddings:
+            attrs["sam"] = {
+                "model": self.sam_model,
+                "checkpoint_sha256": checkpoint_sha256,
+                "params": None,
+            }
         return attrs
 
 
 class ProposalSource:
-    """A built generator with one call for every source: ``(image, record) -> Proposals``."""
+    """A built generator with one call for every source: ``(image, record) -> Proposals``.
 
-    def __init__(self, config: ProposalConfig, device: str = "cpu") -> None:
+    With ``sam_embeddings`` SAM is loaded for any source, so that calls can also return its image
+    embedding; for ``slic`` and ``external`` proposals that is an encoder pass of its own, computed
+    exactly as for SAM proposals (:func:`~samcp.pipeline.proposals.sam_encoder.embed_image`).
+    """
+
+    def __init__(
+        self, config: ProposalConfig, device: str = "cpu", sam_embeddings: bool = False
+    ) -> None:
         self.config = config
+        self.device = device
         self.sam_model = None
+        if config.uses_sam(sam_embeddings):
+            self._load_sam()
         if config.source == "sam":
-            from samcp.pipeline.foundation import load_sam
             from samcp.pipeline.proposals.sam import SamEverythingGenerator
 
-            self.sam_model = load_sam(config.sam_model, config.sam_checkpoint, device)
             self._gen = SamEverythingGenerator(self.sam_model, config.sam)
         elif config.source == "slic":
             from samcp.pipeline.proposals.slic import SlicGenerator
@@ -90,16 +126,43 @@ class ProposalSource:
 
             self._gen = ExternalGenerator(config.external_path)
 
+    def _load_sam(self) -> None:
+        from samcp.pipeline.foundation import load_sam
+
+        if not self.config.sam_checkpoint:
+            self.config.validate(store_sam_embeddings=True)  # raises, naming --sam-checkpoint
+        self.sam_model = load_sam(self.config.sam_model, self.config.sam_checkpoint, self.device)
+
     def __call__(
         self, image: np.ndarray | None, record, with_sam_embedding: bool = False
     ) -> tuple[Proposals, np.ndarray | None]:
-        """Proposals for one image, and SAM's image embedding from the same encoder pass if asked."""
+        """Proposals for one image, and SAM's image embedding if asked: from the same encoder pass
+        for SAM proposals, from an embedding-only SAM pass for the others."""
+        if self.config.source == "sam":
+            if with_sam_embedding:
+                from samcp.pipeline.proposals.sam_encoder import sam_embed_array
+
+                props, features = self._gen.generate(image, return_embedding=True)
+                return props, sam_embed_array(features)
+            return self._gen.generate(image), None
         if self.config.source == "external":
             props = self._gen.generate_for(
                 record.image_id, record.file_name, record.height, record.width
             )
-            return props, None
-        if with_sam_embedding and self.config.source == "sam":
-            props, features = self._gen.generate(image, return_embedding=True)
-            return props, features[0].float().cpu().numpy().astype(np.float16)
-        return self._gen.generate(image), None
+        else:
+            props = self._gen.generate(image)
+        return props, (self.sam_embedding(image) if with_sam_embedding else None)
+
+    def sam_embedding(self, image: np.ndarray) -> np.ndarray:
+        """SAM's float16 image embedding ((256, 64, 64) for vit_b/l/h and vit_tiny) of one HxWx3
+        uint8 RGB image, from an encoder-only pass (SAM is loaded on first use if the source was
+        built without it)."""
+        import torch
+
+        from samcp.pipeline.proposals.sam_encoder import embed_image, sam_embed_array
+
+        if self.sam_model is None:
+            self._load_sam()
+        with torch.inference_mode():
+            features, _ = embed_image(self.sam_model, image)
+        return sam_embed_array(features)

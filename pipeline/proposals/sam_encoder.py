@@ -64,18 +64,32 @@ def encode_image_reference(model: nn.Module, input_image: torch.Tensor) -> torch
     return model.image_encoder(input_image)
 
 
-def set_image_fast(predictor, image: np.ndarray, image_format: str = "RGB") -> None:
-    """``predictor.set_image(image, image_format)`` for a segment_anything SamPredictor, with the image
-    embedding computed by :func:`encode_image`: same resize transform, same preprocessing; sets
-    ``features``, ``original_size``, ``input_size`` and ``is_image_set`` the same way."""
+def embed_image(
+    model: nn.Module, image: np.ndarray, image_format: str = "RGB", transform=None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM's image embedding of one HxWx3 uint8 image, computed as ``SamPredictor.set_image`` does:
+    channel order to the model's, ``ResizeLongestSide(img_size)`` (``transform``, the predictor's
+    own when given), ``model.preprocess`` (normalise, pad to square), then :func:`encode_image`.
+
+    The one code path for SAM embeddings: :func:`set_image_fast` (SAM proposals, whose embedding is
+    the same encoder pass) and an embedding-only SAM pass (``sam_embed`` for other proposals) both
+    run it.
+
+    Returns:
+        ``(features, input_size)``: the (1, out_chans, S/16, S/16) embedding on the model's device,
+        and the resized image's (h, w) before padding.
+    """
     assert image_format in ["RGB", "BGR"], (
         f"image_format must be in ['RGB', 'BGR'], is {image_format}."
     )
-    model = predictor.model
+    if transform is None:
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        transform = ResizeLongestSide(model.image_encoder.img_size)
     if image_format != model.image_format:
         image = image[..., ::-1]
-    input_image = predictor.transform.apply_image(image)
-    input_image_torch = torch.as_tensor(input_image, device=predictor.device)
+    input_image = transform.apply_image(image)
+    input_image_torch = torch.as_tensor(input_image, device=model.device)
     input_image_torch = input_image_torch.permute(2, 0, 1).contiguous()[None, :, :, :]
 
     img_size = model.image_encoder.img_size
@@ -84,11 +98,29 @@ def set_image_fast(predictor, image: np.ndarray, image_format: str = "RGB") -> N
         and input_image_torch.shape[1] == 3
         and max(*input_image_torch.shape[2:]) == img_size
     ), f"set_torch_image input must be BCHW with long side {img_size}."
+    input_size = tuple(input_image_torch.shape[-2:])
+    with torch.no_grad():
+        features = encode_image(model, model.preprocess(input_image_torch))
+    return features, input_size
+
+
+def sam_embed_array(features: torch.Tensor) -> np.ndarray:
+    """The cache's ``sam_embed`` row of a (1, C, h, w) embedding: (C, h, w) float16 on the CPU."""
+    return features[0].float().cpu().numpy().astype(np.float16)
+
+
+def set_image_fast(predictor, image: np.ndarray, image_format: str = "RGB") -> None:
+    """``predictor.set_image(image, image_format)`` for a segment_anything SamPredictor, with the image
+    embedding computed by :func:`embed_image` (:func:`encode_image`): same resize transform, same
+    preprocessing; sets ``features``, ``original_size``, ``input_size`` and ``is_image_set`` the same
+    way."""
+    features, input_size = embed_image(
+        predictor.model, image, image_format, transform=predictor.transform
+    )
     predictor.reset_image()
     predictor.original_size = image.shape[:2]
-    predictor.input_size = tuple(input_image_torch.shape[-2:])
-    with torch.no_grad():
-        predictor.features = encode_image(model, model.preprocess(input_image_torch))
+    predictor.input_size = input_size
+    predictor.features = features
     predictor.is_image_set = True
 
 
