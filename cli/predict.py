@@ -42,32 +42,52 @@ import click
     help="The cache's CLIP weights, to embed a --vocabulary not in the text-embedding cache yet.",
 )
 @click.option(
+    "--alpha",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="CLIP's weight in the geometric ensemble p_head^(1-a) * p_clip^a for classes the head "
+    "was trained on (seen) [default: the head config's; FC-CLIP/PosSAM 0.4].",
+)
+@click.option(
+    "--beta",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="The same weight for classes the head never saw (unseen) [default: the head config's; "
+    "FC-CLIP/PosSAM 0.8].",
+)
+@click.option(
     "--kappa",
     type=click.FloatRange(0.0, 1.0),
     default=None,
-    help="CLIP weight in S_ov = sigmoid(S_cls)^(1-k) * softmax(S_CLIP)^k; 0 = learned classifier "
-    "only [default: the head config's, 0.4].",
+    help="One CLIP weight for every class (SAM-CP's kappa: --alpha = --beta = kappa); 0 = the head "
+    "alone.",
 )
 @click.option(
     "--score-thresh",
     type=click.FloatRange(0.0, 1.0),
-    default=0.5,
-    show_default=True,
-    help="Instances scoring below this are left out of the panoptic output.",
+    default=None,
+    help="Segments scoring below this are left out of the panoptic output [default: the head's; "
+    "docs/heads].",
 )
 @click.option(
     "--overlap-thresh",
     type=click.FloatRange(0.0, 1.0),
-    default=0.8,
-    show_default=True,
-    help="An instance is painted only if this fraction of it is not yet covered.",
+    default=None,
+    help="A segment is kept only if this fraction of it stays visible [default: the head's, 0.8].",
 )
 @click.option(
     "--stuff-area-min",
     type=click.IntRange(min=0),
-    default=4096,
-    show_default=True,
-    help="Stuff regions smaller than this many pixels become void.",
+    default=None,
+    help="Stuff regions smaller than this many pixels become void [default: the head's].",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Change an inference setting of the trained head, e.g. --set classifier=clip for "
+    "PosSAM (repeatable; docs/heads lists each head's).",
 )
 @click.option(
     "--batch-size",
@@ -94,10 +114,13 @@ def command(
     out_dir: Path,
     vocabulary: str | None,
     clip_checkpoint: str | None,
+    alpha: float | None,
+    beta: float | None,
     kappa: float | None,
-    score_thresh: float,
-    overlap_thresh: float,
-    stuff_area_min: int,
+    score_thresh: float | None,
+    overlap_thresh: float | None,
+    stuff_area_min: int | None,
+    sets: tuple[str, ...],
     batch_size: int,
     device: str,
     allow_incomplete: bool,
@@ -105,6 +128,7 @@ def command(
 ) -> None:
     """Predict every image of CACHE with the head of RUN and write COCO panoptic PNG+JSON,
     semantic PNGs and instance results (RLE) to --out."""
+    from samcp.cli.train import parse_sets
     from samcp.pipeline.predict import predict_run, prediction_notes
 
     out = predict_run(
@@ -114,10 +138,13 @@ def command(
         vocabulary=vocabulary,
         clip_checkpoint=clip_checkpoint,
         kappa=kappa,
+        alpha=alpha,
+        beta=beta,
         device=device,
         score_thresh=score_thresh,
         overlap_thresh=overlap_thresh,
         stuff_area_min=stuff_area_min,
+        overrides=parse_sets(sets),
         batch_size=batch_size,
         progress=not no_progress,
         allow_incomplete=allow_incomplete,

@@ -21,6 +21,17 @@ def _load_yaml(text: str, where: str):
         raise SamcpError(f"{where} is not valid YAML ({first}); fix its syntax") from None
 
 
+def parse_sets(sets: tuple[str, ...]) -> dict:
+    """``--set KEY=VALUE`` options as a mapping (values parsed as YAML: 3, 0.5, true, [1, 2])."""
+    out = {}
+    for item in sets:
+        if "=" not in item:
+            raise SamcpError(f"--set {item!r} must look like KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _load_yaml(v, f"--set {item!r}")
+    return out
+
+
 @click.command("train")
 @click.option("--cache", required=True, help="Proposal cache of the training images (with CLIP).")
 @click.option("--dataset", required=True, help="COCO panoptic root with the training annotations.")
@@ -124,11 +135,7 @@ def command(
         if unknown:
             raise SamcpError(f"{config_file}: unknown keys {', '.join(unknown)}; see docs/train.md")
         values.update(doc)
-    for item in sets:
-        if "=" not in item:
-            raise SamcpError(f"--set {item!r} must look like KEY=VALUE")
-        k, v = item.split("=", 1)
-        head_overrides[k.strip()] = _load_yaml(v, f"--set {item!r}")
+    head_overrides.update(parse_sets(sets))
     cli_values = dict(
         split=split,
         head=head,

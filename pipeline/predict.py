@@ -1,16 +1,17 @@
 """`samcp predict`: a trained head's predictions on a proposal cache, in COCO's formats.
 
-For every cached image the head sees its patches exactly as training did (`headdata.make_sample`,
-`headdata.collate`); the last decoder layer's outputs go through SAM-CP's inference
-(`samcp.models.affinity.predict_image`, section 3.3), which names the member patches of each class
-region and each instance. Masks are unions of the members' cached RLEs (`pycocotools.mask.merge`);
-full-resolution masks are decoded only to paint the PNGs. The prediction folder::
+Generic over heads: every cached image becomes the head's sample exactly as in training (the
+plugin's ``sample`` and ``collate``), the head runs, and its ``infer`` turns the outputs into one
+:class:`~samcp.models.heads.ImageResult` per image through the shared composition
+(samcp.models.compose). The open-vocabulary classifier (samcp.models.openvocab) weighs CLIP by
+``alpha`` on the classes the head was trained on and ``beta`` on the others (SAM-CP's ``kappa`` is
+alpha = beta = kappa). The prediction folder::
 
     PRED_DIR/panoptic.json         COCO panoptic: images, annotations (segments_info), categories
     PRED_DIR/panoptic/<stem>.png   RGB panoptic PNGs, id = R + 256 G + 256^2 B, 0 = void
     PRED_DIR/semantic/<stem>.png   uint8 contiguous class index (panoptic.json's categories), 255 = none
     PRED_DIR/instances.json        COCO results: image_id, category_id, segmentation (RLE), score, bbox
-    PRED_DIR/predict_info.json     run, cache, vocabulary, kappa, composition thresholds, notes
+    PRED_DIR/predict_info.json     run, cache, vocabulary, alpha/beta, composition thresholds, notes
 
 ``<stem>`` is the ground truth's PNG stem (COCO: the image's file stem) when the cache's dataset is
 readable, else the image id. The composition rules are in docs/predict.md.
@@ -31,39 +32,16 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from samcp.models.heads import CompositionParams, ImageResult, InferContext
 from samcp.pipeline.cache import STATUS_OK, CachedImage, CacheReader, check_cache_complete
+from samcp.pipeline.devices import resolve_device
 from samcp.pipeline.errors import SamcpError
-from samcp.pipeline.headdata import HeadSample, collate, make_sample
+from samcp.pipeline.headdata import cache_info, image_inputs
 from samcp.pipeline.outputs import prepare_output_dir, staging_path, write_marker
 
 NO_CLASS = -1  # "no region covers this pixel" in class-index maps
 IGNORE_LABEL = 255  # the same in semantic PNGs (detectron2's ignore label)
 INFO_FILE = "predict_info.json"
-
-
-@dataclass(frozen=True)
-class PanopticParams:
-    """The panoptic composition (Panoptic FPN / Mask2Former overlap rule).
-
-    score_thresh: instances scoring below this are not painted (they stay in instances.json).
-    overlap_thresh: an instance is kept only if at least this fraction of its mask is still
-        unpainted when its turn comes (Mask2Former's overlap_threshold); it then takes only the
-        unpainted part.
-    stuff_area_min: a stuff class's leftover region smaller than this many pixels becomes void
-        (Panoptic FPN's stuff_area_thresh).
-    """
-
-    score_thresh: float = 0.5
-    overlap_thresh: float = 0.8
-    stuff_area_min: int = 4096
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.score_thresh <= 1.0:
-            raise SamcpError(f"--score-thresh {self.score_thresh} must be in [0, 1]")
-        if not 0.0 <= self.overlap_thresh <= 1.0:
-            raise SamcpError(f"--overlap-thresh {self.overlap_thresh} must be in [0, 1]")
-        if self.stuff_area_min < 0:
-            raise SamcpError(f"--stuff-area-min {self.stuff_area_min} must be >= 0")
 
 
 @dataclass
@@ -98,148 +76,6 @@ class LabelSpace:
 
     def __len__(self) -> int:
         return len(self.categories)
-
-
-@dataclass
-class ImageOutput:
-    """One image's merged regions and instances (masks as COCO RLEs with bytes counts).
-
-    Attributes:
-        semantic_rles: (K) region of each class's Type-I query, None where it merged no patch.
-        semantic_scores: (K,) fused score of each class region.
-        instance_rles, instance_labels, instance_scores: ranked instances (score descending).
-    """
-
-    image_id: str
-    height: int
-    width: int
-    semantic_rles: list[dict | None]
-    semantic_scores: np.ndarray
-    instance_rles: list[dict]
-    instance_labels: np.ndarray
-    instance_scores: np.ndarray
-
-    @classmethod
-    def empty(cls, image_id: str, height: int, width: int, num_classes: int) -> ImageOutput:
-        return cls(
-            image_id,
-            height,
-            width,
-            [None] * num_classes,
-            np.zeros(num_classes, np.float32),
-            [],
-            np.zeros(0, np.int64),
-            np.zeros(0, np.float32),
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks: unions of patches, the semantic map and the panoptic composition (pure numpy / RLE).
-# ----------------------------------------------------------------------------------------------
-
-
-def union_rle(rles: Sequence[dict], members: np.ndarray) -> dict | None:
-    """The union of the member patches' RLEs (RLE ops only), or None for no member."""
-    idx = np.flatnonzero(members)
-    if idx.size == 0:
-        return None
-    return mask_utils.merge([rles[i] for i in idx.tolist()], intersect=0)
-
-
-def _decode(rle: dict) -> np.ndarray:
-    return mask_utils.decode(rle).astype(bool)
-
-
-def semantic_label_map(
-    region_rles: Sequence[dict | None], scores: np.ndarray, height: int, width: int
-) -> np.ndarray:
-    """(H, W) int32: per pixel the class whose region covers it with the highest score.
-
-    Regions are painted in ascending score order, so the best-scoring one ends on top (ties: the
-    higher class index). Pixels no region covers are ``NO_CLASS`` (-1).
-    """
-    out = np.full((height, width), NO_CLASS, np.int32)
-    for k in np.argsort(np.asarray(scores, np.float64), kind="stable").tolist():
-        rle = region_rles[k]
-        if rle is not None:
-            out[_decode(rle)] = k
-    return out
-
-
-def compose_panoptic(
-    instance_rles: Sequence[dict],
-    instance_labels: np.ndarray,
-    instance_scores: np.ndarray,
-    semantic: np.ndarray,
-    semantic_scores: np.ndarray,
-    isthing: np.ndarray,
-    params: PanopticParams = PanopticParams(),
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Panoptic segments from ranked instances and the semantic map.
-
-    1. Instances by descending score, while score >= ``score_thresh``: one whose unpainted part is
-       at least ``overlap_thresh`` of its area paints that part; any other is dropped.
-    2. Each stuff class c fills the still-unpainted pixels where the semantic map says c; a fill
-       smaller than ``stuff_area_min`` pixels is dropped (void). Pixels whose best class is a thing
-       that no kept instance covers stay void (as in Panoptic FPN).
-
-    Args:
-        instance_rles: (N) instance masks.
-        instance_labels: (N,) class index.
-        instance_scores: (N,) score.
-        semantic: (H, W) class index per pixel, ``NO_CLASS`` for none (`semantic_label_map`).
-        semantic_scores: (K,) class region scores (a stuff segment's score).
-        isthing: (K,) bool.
-        params: thresholds.
-
-    Returns:
-        ``(ids, segments)``: (H, W) int32 segment ids (0 = void, then 1, 2, ... unique), and per
-        segment ``{"id", "label", "isthing", "score", "area"}`` in id order.
-    """
-    h, w = semantic.shape
-    ids = np.zeros((h, w), np.int32)
-    painted = np.zeros((h, w), bool)
-    segments: list[dict[str, Any]] = []
-    order = np.argsort(-np.asarray(instance_scores, np.float64), kind="stable")
-    for i in order.tolist():
-        score = float(instance_scores[i])
-        if score < params.score_thresh:
-            break
-        mask = _decode(instance_rles[i])
-        area = int(mask.sum())
-        if area == 0:
-            continue
-        mask &= ~painted
-        free = int(mask.sum())
-        if free == 0 or free / area < params.overlap_thresh:
-            continue
-        seg_id = len(segments) + 1
-        ids[mask] = seg_id
-        painted |= mask
-        label = int(instance_labels[i])
-        segments.append(
-            {"id": seg_id, "label": label, "isthing": True, "score": score, "area": free}
-        )
-    for c in np.unique(semantic[semantic >= 0]).tolist():
-        if isthing[c]:
-            continue
-        mask = (semantic == c) & ~painted
-        area = int(mask.sum())
-        if area == 0 or area < params.stuff_area_min:
-            continue
-        seg_id = len(segments) + 1
-        ids[mask] = seg_id
-        painted |= mask
-        segments.append(
-            {
-                "id": seg_id,
-                "label": int(c),
-                "isthing": False,
-                "score": float(semantic_scores[c]),
-                "area": area,
-            }
-        )
-    return ids, segments
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,8 +133,8 @@ def _read_json(path: Path, what: str) -> Any:
 def vocabulary_text_embed(
     vocab, cache_attrs: dict, clip_checkpoint: str | None, templates: str, device: torch.device
 ) -> torch.Tensor:
-    """(K, D) one embedding per vocabulary class: the normalised mean over its synonyms."""
-    from samcp.pipeline.train import class_text_embeddings
+    """(K, D) one embedding per vocabulary class (samcp.models.openvocab's rule)."""
+    from samcp.pipeline.vocab import class_text_embeddings
 
     try:
         return class_text_embeddings(vocab, cache_attrs, clip_checkpoint, templates, device)
@@ -372,10 +208,10 @@ def vocabulary_label_space(
 
 
 class Predictor:
-    """A trained run ready to predict: head, text embeddings, label space, sample settings.
+    """A trained run ready to predict: head plugin, module, text embeddings, label space.
 
-    Build it with :meth:`from_run`; :meth:`sample` turns a cache row into the head's input the way
-    training did, :meth:`predict` runs a batch of samples.
+    Build it with :meth:`from_run`; :meth:`sample` turns a cache row into the head's sample the way
+    training did, :meth:`predict` runs a batch of samples to ImageResults.
     """
 
     def __init__(
@@ -387,54 +223,84 @@ class Predictor:
         max_patches: int,
         device: torch.device,
         notes: list[str] | None = None,
+        *,
+        seen: np.ndarray | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        params: CompositionParams | None = None,
     ) -> None:
+        from samcp.models.registry import get_head, head_name
+
         self.model = model.eval()
         self.head_cfg = head_cfg
+        self.head = get_head(head_name(head_cfg))
         self.text_embed = text_embed.to(device).float()
         self.labels = labels
         self.max_patches = max_patches
         self.device = device
         self.notes = list(notes or [])
-        self._thing = torch.from_numpy(labels.isthing).to(device)
+        self.seen = np.ones(len(labels), bool) if seen is None else np.asarray(seen, bool)
+        self.alpha, self.beta = alpha, beta
+        self.params = params or self.head.default_params(head_cfg)
+        image_arrays, mask_arrays = self.head.needs(head_cfg)
+        self.arrays = [*image_arrays, *mask_arrays]
 
     @classmethod
     def from_run(
         cls,
         run_dir: str | Path,
-        cache_attrs: dict,
+        cache: CacheReader | dict,
         *,
         vocabulary=None,
         clip_checkpoint: str | None = None,
         kappa: float | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        params: Mapping[str, Any] | None = None,
+        overrides: Mapping[str, Any] | None = None,
         device: str = "auto",
     ) -> Predictor:
-        """Loads a run folder for predicting on a cache with attributes ``cache_attrs``.
+        """Loads a run folder for predicting on a cache.
 
         Args:
             run_dir: the run folder `samcp train` wrote.
-            cache_attrs: the prediction cache's root attributes (its CLIP must be the run's).
+            cache: the prediction cache (a reader, or its root attributes; its CLIP must be the
+                run's).
             vocabulary: None (the training classes) or a class file / builtin name / Vocabulary.
             clip_checkpoint: the cache's CLIP, to embed a vocabulary not yet in the text cache.
-            kappa: open-vocabulary fusion weight; None takes the head config's (0.4).
+            kappa: SAM-CP's CLIP weight: alpha = beta = kappa.
+            alpha, beta: CLIP's weight in the geometric ensemble for the seen (training) classes
+                and the unseen ones; None takes the head config's.
+            params: composition thresholds to change (``score_thresh``, ``overlap_thresh``,
+                ``stuff_area_min``, ``max_instances``) over the head's defaults.
+            overrides: head config fields to change for inference (only the head's
+                ``inference_fields``, e.g. PosSAM's ``classifier``).
             device: "auto", "cpu" or "cuda".
         """
-        from samcp.pipeline.train import resolve_device
+        from samcp.models.openvocab import seen_classes
         from samcp.pipeline.vocab import read_vocabulary
 
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise SamcpError(f"run folder {run_dir} not found; pass the --out of samcp train")
+        reader = cache if isinstance(cache, CacheReader) else None
+        cache_attrs = reader.attrs if reader is not None else cache
         dev = resolve_device(device)
         train_cfg = _read_json(run_dir / "train_config.json", "train_config.json")
         classes = _read_json(run_dir / "classes.json", "classes.json")
         model, head_cfg, note = load_run_head(run_dir, dev)
         notes = [note] if note else []
-        _check_cache(cache_attrs, head_cfg, train_cfg)
+        _check_cache(cache_attrs, reader, head_cfg, train_cfg)
+        if overrides:
+            head_cfg = _override(head_cfg, overrides)
         if kappa is not None:
-            if not 0.0 <= kappa <= 1.0:
-                raise SamcpError(f"--kappa {kappa} must be in [0, 1]")
-            head_cfg = replace(head_cfg, kappa=float(kappa))
+            alpha = beta = kappa
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                flag = "--kappa" if kappa is not None else f"--{name}"
+                raise SamcpError(f"{flag} {value} must be in [0, 1]")
 
+        train_names = _training_names(run_dir, classes)
         if vocabulary is None:
             from safetensors.torch import load_file
 
@@ -448,6 +314,7 @@ class Predictor:
                     f"{path} has {text.shape[0]} classes but classes.json {len(labels)}; "
                     "the run folder is inconsistent, re-train"
                 )
+            seen = np.ones(len(labels), bool)
         else:
             vocab = read_vocabulary(vocabulary)
             text = vocabulary_text_embed(
@@ -460,71 +327,114 @@ class Predictor:
             labels, note = vocabulary_label_space(vocab, candidates)
             if note:
                 notes.append(note)
+            seen = seen_classes(vocab.names, train_names)
         if text.shape[1] != head_cfg.text_dim:
             raise SamcpError(
                 f"text embeddings have dimension {text.shape[1]} but the head expects "
                 f"{head_cfg.text_dim}; use the CLIP the run was trained with"
             )
-        max_patches = int(train_cfg.get("max_patches", 300))
-        return cls(model, head_cfg, text, labels, max_patches, dev, notes)
+        from samcp.models.registry import get_head, head_name
 
-    def sample(self, row: CachedImage) -> HeadSample:
-        """The head's input for a cache row (the first ``max_patches`` patches, as in training)."""
-        return make_sample(row, self.head_cfg, self.max_patches, gt=None)
+        base = get_head(head_name(head_cfg)).default_params(head_cfg)
+        try:
+            comp = replace(base, **{k: v for k, v in (params or {}).items() if v is not None})
+        except ValueError as exc:
+            raise SamcpError(str(exc)) from None
+        max_patches = int(train_cfg.get("max_patches", 300))
+        return cls(
+            model,
+            head_cfg,
+            text,
+            labels,
+            max_patches,
+            dev,
+            notes,
+            seen=seen,
+            alpha=alpha,
+            beta=beta,
+            params=comp,
+        )
+
+    def sample(self, row: CachedImage) -> Any:
+        """The head's sample of a cache row (the first ``max_patches`` proposals, as in training)."""
+        try:
+            return self.head.sample(image_inputs(row), self.head_cfg, self.max_patches)
+        except ValueError as exc:
+            raise SamcpError(str(exc)) from None
+
+    def context(self) -> InferContext:
+        return InferContext(
+            text_embed=self.text_embed,
+            isthing=self.labels.isthing,
+            seen=self.seen,
+            params=self.params,
+            device=self.device,
+            alpha=self.alpha,
+            beta=self.beta,
+        )
 
     @torch.no_grad()
-    def predict(self, samples: Sequence[HeadSample]) -> list[ImageOutput]:
-        """Runs the head on a batch and merges each image's regions and instances."""
-        from samcp.models.affinity import predict_image
-
+    def predict(self, samples: Sequence[Any]) -> list[ImageResult]:
+        """Runs the head on a batch; one ImageResult per sample."""
         if not samples:
             return []
-        k = len(self.labels)
-        batch = collate(list(samples), self.text_embed, self.device)
+        batch = self.head.collate(list(samples), self.text_embed, self.head_cfg, self.device)
         out = self.model(**batch)
-        results = []
-        for i, s in enumerate(samples):
-            n = s.num_patches
-            if n == 0:
-                results.append(ImageOutput.empty(s.image_id, s.height, s.width, k))
-                continue
-            emb = s.patch_clip_embed
-            pred = predict_image(
-                out.affinity_logits[-1, i, : k + n, :n],
-                out.class_logits[-1, i, : k + n],
-                out.patch_valid[i, :n],
-                k,
-                self.head_cfg,
-                patch_clip_embed=None if emb is None else emb.to(self.device).float(),
-                text_embed=None if emb is None else self.text_embed,
-                patch_areas=s.patch_areas.to(self.device),
-                instance_classes=self._thing,
-            )
-            sem_members = pred.semantic_members.cpu().numpy()
-            inst_members = pred.instance_members.cpu().numpy()
-            results.append(
-                ImageOutput(
-                    s.image_id,
-                    s.height,
-                    s.width,
-                    [union_rle(s.patch_rles, m) for m in sem_members],
-                    pred.semantic_scores.float().cpu().numpy(),
-                    [union_rle(s.patch_rles, m) for m in inst_members],
-                    pred.instance_labels.cpu().numpy().astype(np.int64),
-                    pred.instance_scores.float().cpu().numpy(),
-                )
-            )
-        return results
+        return self.head.infer(out, list(samples), self.head_cfg, self.context())
 
 
-def _check_cache(attrs: dict, head_cfg, train_cfg: dict) -> None:
-    """The prediction cache must carry the CLIP features the head was trained on."""
+def _override(head_cfg, overrides: Mapping[str, Any]):
+    """The config with inference settings changed (``--set KEY=VALUE``)."""
+    from samcp.models.registry import get_head, head_name
+
+    name = head_name(head_cfg)
+    allowed = get_head(name).inference_fields
+    bad = sorted(set(overrides) - set(allowed))
+    if bad:
+        raise SamcpError(
+            f"--set {', '.join(bad)}: not an inference setting of head {name!r}; "
+            f"settable at predict time: {', '.join(allowed) or 'none'}"
+        )
+    try:
+        return type(head_cfg).from_dict({**head_cfg.to_dict(), **overrides})
+    except (TypeError, ValueError) as exc:
+        raise SamcpError(f"--set: {exc}") from None
+
+
+def _training_names(run_dir: Path, classes: list[dict]) -> list[list[str]]:
+    """Names (with synonyms) of the classes a run trained on: its vocabulary.txt, else the
+    class names of classes.json."""
+    from samcp.pipeline.vocab import read_vocabulary
+
+    path = run_dir / "vocabulary.txt"
+    if path.is_file():
+        return [list(n) for n in read_vocabulary(str(path)).names]
+    return [[str(c["name"])] for c in classes]
+
+
+def _check_cache(attrs: dict, reader: CacheReader | None, head_cfg, train_cfg: dict) -> None:
+    """The prediction cache must carry the features the head was trained on, with the same CLIP."""
+    from samcp.models.registry import get_head, head_name
+
     clip = attrs.get("clip")
     if not clip or not clip.get("store_dense", True):
         raise SamcpError(
             "the cache has no dense CLIP features; re-run precompute with --clip-checkpoint"
         )
-    if int(clip["input_size"]) != int(head_cfg.clip_input_size):
+    if reader is not None:
+        plugin = get_head(head_name(head_cfg))
+        saved = head_cfg.to_dict()
+        try:
+            dictated = plugin.configure(saved, cache_info(reader))
+        except ValueError as exc:
+            raise SamcpError(f"cache {reader.path}: {exc}") from None
+        for key, value in dictated.items():
+            if json.dumps(saved.get(key)) != json.dumps(value, default=list):
+                raise SamcpError(
+                    f"the cache gives {key} = {value!r} but the run was trained with "
+                    f"{saved.get(key)!r}; precompute with the training cache's CLIP settings"
+                )
+    elif int(clip["input_size"]) != int(getattr(head_cfg, "clip_input_size", clip["input_size"])):
         raise SamcpError(
             f"the cache's CLIP input size is {clip['input_size']} but the run was trained at "
             f"{head_cfg.clip_input_size}; precompute with --clip-input-size "
@@ -583,14 +493,13 @@ def _safe_stem(stem: str) -> str:
 
 
 class PredictionWriter:
-    """Writes a prediction folder image by image: everything goes to ``<out>.tmp`` first and
-    :meth:`finish` renames it to ``out`` (replacing an earlier prediction folder), so a crash never
-    leaves half a folder behind; :meth:`abort` removes the temporary folder.
+    """Writes a prediction folder image by image: everything goes to a hidden staging folder first
+    and :meth:`finish` renames it to ``out`` (replacing an earlier prediction folder), so a crash
+    never leaves half a folder behind; :meth:`abort` removes the staging folder.
 
     Args:
         out: the prediction folder.
-        labels: classes of the ImageOutputs (category ids, thing/stuff, semantic PNG index).
-        params: panoptic composition thresholds.
+        labels: classes of the ImageResults (category ids, thing/stuff, semantic PNG index).
         stems: ``image_id -> file stem`` of the PNGs (default the image id).
     """
 
@@ -598,13 +507,12 @@ class PredictionWriter:
         self,
         out: str | Path,
         labels: LabelSpace,
-        params: PanopticParams = PanopticParams(),
         stems: Mapping[str, str] | None = None,
     ) -> None:
         out = self.out = Path(out).absolute()
         self.tmp = staging_path(out, "samcp-partial")
         (self.tmp / "panoptic").mkdir(parents=True)
-        self.labels, self.params, self.stems = labels, params, dict(stems or {})
+        self.labels, self.stems = labels, dict(stems or {})
         self.semantic = int(labels.semantic_index.max(initial=0)) < IGNORE_LABEL
         if self.semantic:
             (self.tmp / "semantic").mkdir()
@@ -613,29 +521,21 @@ class PredictionWriter:
         self.instances: list[dict] = []
         self.used_stems: set[str] = set()
 
-    def add(self, p: ImageOutput) -> None:
-        """Composes and writes one image's PNGs; its JSON entries are kept for :meth:`finish`."""
+    def add(self, p: ImageResult) -> None:
+        """Writes one image's PNGs; its JSON entries are kept for :meth:`finish`."""
         stem = _safe_stem(self.stems.get(p.image_id, p.image_id))
         if stem in self.used_stems:
             raise SamcpError(f"two cached images map to the file name {stem}.png; ids must differ")
         self.used_stems.add(stem)
         image_id = _json_image_id(p.image_id)
         ids = self.labels.ids
-        sem = semantic_label_map(p.semantic_rles, p.semantic_scores, p.height, p.width)
+        sem = p.semantic
         if self.semantic:
             png = np.full(sem.shape, IGNORE_LABEL, np.uint8)
             has = sem >= 0
             png[has] = self.labels.semantic_index[sem[has]]
             _write_png(self.tmp / "semantic" / f"{stem}.png", png)
-        pan, segments = compose_panoptic(
-            p.instance_rles,
-            p.instance_labels,
-            p.instance_scores,
-            sem,
-            p.semantic_scores,
-            self.labels.isthing,
-            self.params,
-        )
+        pan, segments = p.panoptic, p.segments
         from samcp.pipeline.evaluation.formats import write_panoptic_png
 
         write_panoptic_png(self.tmp / "panoptic" / f"{stem}.png", pan)
@@ -731,10 +631,13 @@ def predict_run(
     vocabulary=None,
     clip_checkpoint: str | None = None,
     kappa: float | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
     device: str = "auto",
-    score_thresh: float = PanopticParams.score_thresh,
-    overlap_thresh: float = PanopticParams.overlap_thresh,
-    stuff_area_min: int = PanopticParams.stuff_area_min,
+    score_thresh: float | None = None,
+    overlap_thresh: float | None = None,
+    stuff_area_min: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
     batch_size: int = 4,
     file_stems: Mapping[str, str] | None = None,
     progress: bool = True,
@@ -750,10 +653,13 @@ def predict_run(
             (open-vocabulary prediction; category ids come from the file).
         clip_checkpoint: the cache's CLIP weights, needed to embed a vocabulary that is not in
             the text-embedding cache yet.
-        kappa: weight of CLIP in S_ov = sigmoid(S_cls)^(1-kappa) * softmax(S_CLIP)^kappa;
-            None uses the head config's (0.4). 0 = the learned classifier only.
+        kappa: SAM-CP's CLIP weight for every class (alpha = beta = kappa); 0 = the head alone.
+        alpha, beta: CLIP's weight in the geometric ensemble for classes the head was trained on
+            (seen) and the others (unseen); None takes the head config's.
         device: "auto", "cpu" or "cuda".
-        score_thresh, overlap_thresh, stuff_area_min: panoptic composition (`PanopticParams`).
+        score_thresh, overlap_thresh, stuff_area_min: composition thresholds; None takes the
+            head's defaults (docs/heads/<head>.md).
+        overrides: inference settings of the head to change (``--set KEY=VALUE``).
         batch_size: images per forward pass (more is faster on a GPU, needs more memory).
         file_stems: ``image_id -> PNG stem``; default the cache's source dataset's PNG names
             (so `samcp eval` finds the semantic PNGs), else the image id.
@@ -768,33 +674,39 @@ def predict_run(
 
     out = Path(out_dir)
     prepare_output_dir(out, "predictions", reuse=True)  # an earlier prediction folder is replaced
-    params = PanopticParams(score_thresh, overlap_thresh, int(stuff_area_min))
     if batch_size < 1:
         raise SamcpError(f"--batch-size {batch_size} must be at least 1")
     reader = CacheReader(cache)
     unfinished = check_cache_complete(reader, allow_incomplete)
+    if not reader.shard_ids:
+        raise SamcpError(f"cache {cache} has no complete shard; run samcp precompute first")
     predictor = Predictor.from_run(
         run_dir,
-        reader.attrs,
+        reader,
         vocabulary=vocabulary,
         clip_checkpoint=clip_checkpoint,
         kappa=kappa,
+        alpha=alpha,
+        beta=beta,
+        params={
+            "score_thresh": score_thresh,
+            "overlap_thresh": overlap_thresh,
+            "stuff_area_min": None if stuff_area_min is None else int(stuff_area_min),
+        },
+        overrides=overrides,
         device=device,
     )
     labels = predictor.labels
     notes = list(predictor.notes)
     if unfinished:
         notes.append(f"{unfinished}: only the {len(reader)} cached images are predicted")
-    if not reader.shard_ids:
-        raise SamcpError(f"cache {cache} has no complete shard; run samcp precompute first")
     stems = dict(file_stems) if file_stems is not None else _default_stems(reader.attrs)
-    writer = PredictionWriter(out, labels, params, stems)
+    writer = PredictionWriter(out, labels, stems)
     if not writer.semantic:
         notes.append(
             f"{len(labels.output_categories)} classes do not fit a uint8 PNG: "
             "no semantic/ folder (eval derives semantics from the panoptic output)"
         )
-    arrays = [*predictor.head_cfg.clip_levels, "clip_mask_embed"]
     failed = no_embed = 0
     bar = tqdm(
         total=len(reader),
@@ -805,16 +717,16 @@ def predict_run(
         dynamic_ncols=True,
     )
     try:
-        rows = reader.iter_images(include_failed=True, arrays=arrays)
+        rows = reader.iter_images(include_failed=True, arrays=predictor.arrays)
         for batch in _batches(rows, batch_size):
             ok = [r for r in batch if r.status == STATUS_OK]
+            no_embed += sum("clip_mask_embed" not in r.mask_arrays for r in ok)
             samples = [predictor.sample(r) for r in ok]
-            no_embed += sum(s.patch_clip_embed is None for s in samples)
-            done = {p.image_id: p for p in predictor.predict(samples)}
+            done = {r.image_id: p for r, p in zip(ok, predictor.predict(samples), strict=True)}
             for r in batch:
                 if r.status != STATUS_OK:
                     failed += 1
-                    writer.add(ImageOutput.empty(r.image_id, r.height, r.width, len(labels)))
+                    writer.add(ImageResult.empty(r.image_id, r.height, r.width))
                 else:
                     writer.add(done[r.image_id])
                 bar.update(1)
@@ -829,16 +741,25 @@ def predict_run(
         notes.append(
             f"{no_embed} images have no clip_mask_embed in the cache: no CLIP fusion for them"
         )
+    from samcp.models.registry import head_name
+
+    cfg = predictor.head_cfg
+    params = predictor.params
     info = {
         "run": str(Path(run_dir)),
         "cache": str(Path(cache)),
+        "head": head_name(cfg),
         "vocabulary": None if vocabulary is None else str(getattr(vocabulary, "name", vocabulary)),
-        "kappa": predictor.head_cfg.kappa,
+        "overrides": dict(overrides or {}),
+        "alpha": predictor.alpha,
+        "beta": predictor.beta,
+        "seen_classes": int(predictor.seen.sum()),
         "thing_stuff_source": labels.source,
         "panoptic": {
             "score_thresh": params.score_thresh,
             "overlap_thresh": params.overlap_thresh,
             "stuff_area_min": params.stuff_area_min,
+            "max_instances": params.max_instances,
         },
         "num_images": len(writer.images),
         "num_failed": failed,
@@ -857,4 +778,3 @@ def prediction_notes(pred_dir: str | Path) -> list[str]:
     if not path.is_file():
         return []
     return list(_read_json(path, INFO_FILE).get("notes", []))
-

@@ -7,6 +7,7 @@ the CLIP text tower once (cached on disk). A run folder holds everything:
     <run>/train_config.json        the resolved TrainConfig (+ head config) of the run
     <run>/text_embed.safetensors   the training vocabulary's class text embeddings
     <run>/classes.json             the training classes (dataset categories) in class-index order
+    <run>/vocabulary.txt           their names and synonyms (FC-CLIP class-file format)
     <run>/checkpoints/step_XXXXXXX/  model.safetensors + config.json + train_state.pt
     <run>/model/                   the final weights (model.safetensors + config.json)
     <run>/metrics.jsonl            one line per logged step; TensorBoard events in <run>/tb/
@@ -36,16 +37,10 @@ import numpy as np
 import torch
 
 from samcp.pipeline.cache import CacheReader
+from samcp.pipeline.devices import resolve_device
 from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.folderlock import FolderLock
-from samcp.pipeline.headdata import (
-    ClassSpace,
-    HeadSample,
-    collate,
-    flip_sample,
-    ground_truth_rles,
-    make_sample,
-)
+from samcp.pipeline.headdata import ClassSpace, cache_info, ground_truth_rles, image_inputs
 from samcp.pipeline.outputs import MARKER, prepare_output_dir, write_marker
 
 if TYPE_CHECKING:
@@ -60,7 +55,7 @@ class TrainConfig:
     dataset: COCO-panoptic dataset root with the training annotations.
     out: run folder.
     split: annotation split of the cached images.
-    head: head name in samcp.models.registry.HEADS.
+    head: a registered head (``samcp.models.registry.list_heads()``).
     preset: "default" or "tiny" head config before ``head_overrides``.
     head_overrides: head config fields to change (YAML / --set key=value).
     clip_checkpoint: CLIP weights for the text embeddings (not needed when they are cached).
@@ -73,8 +68,9 @@ class TrainConfig:
     lr, weight_decay: AdamW.
     lr_drop: fractions of ``steps`` where the learning rate is multiplied by 0.1.
     clip_grad: max gradient norm (0 disables).
-    flip: random horizontal flips (features, boxes, crops and targets together).
-    max_patches: patches per image (the cache's first ones, i.e. the generator's order).
+    flip: random horizontal flips (the head mirrors its features, masks and targets together).
+    max_patches: proposals per image a head sees (the cache's first ones, i.e. the generator's
+        order).
     seed: data order, flips and initialisation.
     device: "auto", "cpu" or "cuda".
     log_every, ckpt_every: steps between log lines / checkpoints.
@@ -117,7 +113,7 @@ class TrainConfig:
         Raises:
             SamcpError: naming the setting and its allowed range.
         """
-        from samcp.models.registry import HEADS
+        from samcp.models.registry import list_heads
 
         for name, kind in _FIELD_TYPES.items():
             value = getattr(self, name)
@@ -127,9 +123,9 @@ class TrainConfig:
                 )
         if not all(isinstance(f, (int, float)) for f in self.lr_drop):
             raise SamcpError(f"lr_drop = {self.lr_drop!r} must be a list of fractions in (0, 1)")
-        if self.head not in HEADS:
+        if self.head not in list_heads():
             raise SamcpError(
-                f"unknown head {self.head!r}; use --head with one of: {', '.join(sorted(HEADS))}"
+                f"unknown head {self.head!r}; use --head with one of: {', '.join(list_heads())}"
             )
         checks = [
             ("steps", self.steps >= 0, ">= 0 (0 saves the initial weights)"),
@@ -151,12 +147,30 @@ class TrainConfig:
 
 # The type every scalar TrainConfig field must have (YAML configs can give anything).
 _FIELD_TYPES: dict[str, Any] = {
-    "cache": str, "dataset": str, "out": str, "split": str, "head": str, "preset": str,
-    "templates": str, "device": str, "steps": int, "batch_size": int, "max_patches": int,
-    "seed": int, "log_every": int, "ckpt_every": int, "memo_images": int,
-    "lr": (int, float), "weight_decay": (int, float), "clip_grad": (int, float),
-    "flip": bool, "progress": bool, "allow_incomplete": bool, "allow_other_dataset": bool,
-    "head_overrides": dict, "classes": (str, type(None)),
+    "cache": str,
+    "dataset": str,
+    "out": str,
+    "split": str,
+    "head": str,
+    "preset": str,
+    "templates": str,
+    "device": str,
+    "steps": int,
+    "batch_size": int,
+    "max_patches": int,
+    "seed": int,
+    "log_every": int,
+    "ckpt_every": int,
+    "memo_images": int,
+    "lr": (int, float),
+    "weight_decay": (int, float),
+    "clip_grad": (int, float),
+    "flip": bool,
+    "progress": bool,
+    "allow_incomplete": bool,
+    "allow_other_dataset": bool,
+    "head_overrides": dict,
+    "classes": (str, type(None)),
 }
 
 
@@ -166,30 +180,6 @@ def _kind_name(kind: Any) -> str:
     if isinstance(kind, tuple):
         return " or ".join("null" if k is type(None) else f"a {k.__name__}" for k in kind)
     return f"a {kind.__name__}"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when visible), ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Raises:
-        SamcpError: another name, or CUDA asked for but not visible.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SamcpError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SamcpError("--device cuda but no CUDA device is visible; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SamcpError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-    return device
 
 
 def training_classes(
@@ -228,87 +218,27 @@ def training_classes(
     return ClassSpace([by_id[cid] for cid in vocab.ids], void_ids=void), vocab
 
 
-def head_config_for_cache(cfg: TrainConfig, cache_attrs: dict):
-    """The head config: preset, then what the cache dictates (CLIP geometry), then overrides."""
-    from samcp.models.registry import build_config
+def head_config_for_cache(cfg: TrainConfig, reader: CacheReader):
+    """The head config: preset, the user's overrides, then what the cache dictates (the plugin's
+    ``configure``: CLIP geometry, channels of the chosen level)."""
+    from samcp.models.registry import get_head
 
-    clip = cache_attrs.get("clip")
-    if not clip or not clip.get("store_dense", True):
-        raise SamcpError(
-            f"cache {cfg.cache} has no dense CLIP features; re-run precompute with "
-            "--clip-checkpoint (the affinity head needs clip_res5 and clip_mask_embed)"
-        )
-    base = build_config(cfg.head, {})
+    plugin = get_head(cfg.head)
     if cfg.preset == "tiny":
-        base = type(base).tiny()
-    elif cfg.preset != "default":
+        base = plugin.config_cls.tiny()
+    elif cfg.preset == "default":
+        base = plugin.config_cls()
+    else:
         raise SamcpError(f"unknown head preset {cfg.preset!r}; use default or tiny")
-    d = base.to_dict()
-    levels = [f"clip_{lv}" for lv in clip["levels"]][-1:]
-    d.update(
-        clip_levels=levels,
-        clip_strides=[clip["strides"][lv.removeprefix("clip_")] for lv in levels],
-        clip_input_size=clip["input_size"],
-        text_dim=clip["embed_dim"],
-    )
-    d["clip_channels"] = [_channels(cfg.cache, lv) for lv in levels]
-    d.update(cfg.head_overrides)
+    d = {**base.to_dict(), **cfg.head_overrides}
+    try:  # after the overrides, so that a chosen level gets its own channels
+        d.update(plugin.configure(d, cache_info(reader)))
+    except ValueError as exc:
+        raise SamcpError(f"cache {cfg.cache}: {exc}") from None
     try:
         return type(base).from_dict(d)
     except (TypeError, ValueError) as exc:
         raise SamcpError(f"bad head config: {exc}") from None
-
-
-def _channels(cache: str, level: str) -> int:
-    reader = CacheReader(cache)
-    for s in reader.shard_ids:
-        g = reader.root["shards"][s]
-        if level in g:
-            return int(g[level].shape[1])
-    raise SamcpError(f"cache {cache} has no {level} array in any complete shard")
-
-
-def class_text_embeddings(
-    vocab,
-    cache_attrs: dict,
-    clip_checkpoint: str | None,
-    templates: str,
-    device: torch.device,
-) -> torch.Tensor:
-    """(K, D) one embedding per class of ``vocab`` (a samcp.pipeline.vocab.Vocabulary): the
-    normalised mean of its synonyms' template-averaged embeddings, with the cache's CLIP."""
-    from samcp.pipeline.vocab import text_embeddings
-
-    clip = cache_attrs["clip"]
-    model = tokenizer = None
-    if clip_checkpoint:
-        import open_clip
-
-        from samcp.pipeline.clip import load_clip
-        from samcp.pipeline.foundation import file_sha256
-
-        if file_sha256(clip_checkpoint) != clip["checkpoint_sha256"]:
-            raise SamcpError(
-                f"--clip-checkpoint {clip_checkpoint} is not the CLIP the cache was made with; "
-                "pass the same checkpoint as for precompute"
-            )
-        model, _ = load_clip(clip["model"], clip_checkpoint, device)
-        tokenizer = open_clip.get_tokenizer(clip["model"])
-    try:
-        te = text_embeddings(
-            vocab,
-            clip["model"],
-            clip["checkpoint_sha256"],
-            model,
-            tokenizer,
-            templates=templates,
-            device=device,
-        )
-    except SamcpError as exc:
-        raise SamcpError(f"{exc} (pass --clip-checkpoint)") from None
-    out = torch.zeros(len(vocab.ids), te.embeddings.shape[1], device=te.embeddings.device)
-    out.index_add_(0, te.class_index.to(out.device), te.embeddings.float())
-    return torch.nn.functional.normalize(out, dim=-1)
 
 
 class CacheSampler:
@@ -329,8 +259,13 @@ class CacheSampler:
     def __init__(
         self, reader: CacheReader, dataset, classes: ClassSpace, head_cfg, cfg: TrainConfig
     ):
+        from samcp.models.registry import get_head
+
         self.reader, self.dataset, self.classes = reader, dataset, classes
         self.head_cfg, self.cfg = head_cfg, cfg
+        self.plugin = get_head(cfg.head)
+        image_arrays, mask_arrays = self.plugin.needs(head_cfg)
+        self.arrays = [*image_arrays, *mask_arrays]
         self.shards = []
         for sid in reader.shard_ids:
             g = reader.root["shards"][sid]
@@ -339,7 +274,7 @@ class CacheSampler:
         self.num_images = sum(len(r) for _, r in self.shards)
         if self.num_images == 0:
             raise SamcpError(f"cache {cfg.cache} has no usable images to train on")
-        self._memo: dict[tuple[str, int], HeadSample] = {}
+        self._memo: dict[tuple[str, int], Any] = {}
         self._shard_rows: tuple[str, list] | None = None
 
     def epoch_order(self, epoch: int) -> list[tuple[str, int]]:
@@ -350,21 +285,25 @@ class CacheSampler:
             order.extend((sid, rows[j]) for j in rng.permutation(len(rows)))
         return order
 
-    def sample(self, key: tuple[str, int]) -> HeadSample:
+    def sample(self, key: tuple[str, int]) -> Any:
+        """The head's training sample of one cached image (memoised up to ``memo_images``)."""
         if key in self._memo:
             return self._memo[key]
         sid, i = key
         if self._shard_rows is None or self._shard_rows[0] != sid:
-            self._shard_rows = (sid, self.reader.read_shard(sid))
+            self._shard_rows = (sid, self.reader.read_shard(sid, arrays=self.arrays))
         row = self._shard_rows[1][i]
         id_map, segs = self.dataset.load_panoptic(row.image_id)
         gt = ground_truth_rles(id_map, segs, self.classes)
-        s = make_sample(row, self.head_cfg, self.cfg.max_patches, gt, self.classes)
+        try:
+            s = self.plugin.sample(image_inputs(row), self.head_cfg, self.cfg.max_patches, gt)
+        except ValueError as exc:
+            raise SamcpError(str(exc)) from None
         if len(self._memo) < self.cfg.memo_images:
             self._memo[key] = s
         return s
 
-    def batches(self, start_step: int) -> Iterator[tuple[int, list[HeadSample]]]:
+    def batches(self, start_step: int) -> Iterator[tuple[int, list[Any]]]:
         """(step, samples) from ``start_step`` on, forever; deterministic in (seed, step)."""
         bs = self.cfg.batch_size
         gbs = bs * self.world_size
@@ -383,9 +322,7 @@ class CacheSampler:
             out = []
             for key, flip in zip(keys, flips, strict=True):
                 s = self.sample(key)
-                if self.cfg.flip and flip:
-                    s = flip_sample(s, self.head_cfg.clip_input_size)
-                out.append(s)
+                out.append(self.plugin.augment(s, self.head_cfg, bool(self.cfg.flip and flip)))
             yield step, out
             step += 1
 
@@ -422,9 +359,10 @@ def _train(
     device: torch.device,
     held: contextlib.ExitStack,
 ) -> dict:
-    from samcp.models.registry import build_head, save_head
+    from samcp.models.registry import build_head, get_head, save_head
     from samcp.pipeline.cache import check_cache_complete, check_cache_source
     from samcp.pipeline.datasets import CocoPanopticDataset
+    from samcp.pipeline.vocab import class_text_embeddings
 
     # Everything that can be refused is checked before the run folder is touched.
     out = Path(cfg.out)
@@ -441,10 +379,11 @@ def _train(
         allow_other=cfg.allow_other_dataset,
     )
     classes, vocab = training_classes(dataset.categories, cfg.classes, dataset.json_path)
-    head_cfg = head_config_for_cache(cfg, reader.attrs)
+    head_cfg = head_config_for_cache(cfg, reader)
+    plugin = get_head(cfg.head)
     torch.manual_seed(cfg.seed)
     model = build_head(cfg.head, head_cfg).to(device)
-    criterion = _criterion(cfg.head, head_cfg)
+    criterion = plugin.criterion(head_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     milestones = sorted({max(1, int(f * cfg.steps)) for f in cfg.lr_drop})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
@@ -460,7 +399,7 @@ def _train(
         text = class_text_embeddings(
             vocab, reader.attrs, cfg.clip_checkpoint, cfg.templates, device
         )
-        _write_run_files(out, cfg, head_cfg, classes, text, dist.world)
+        _write_run_files(out, cfg, head_cfg, classes, text, dist.world, vocab)
     else:  # CLIP runs on rank 0 only; the others receive its embeddings
         text = torch.empty(len(classes), reader.attrs["clip"]["embed_dim"], device=device)
     dist.broadcast(text)
@@ -493,9 +432,9 @@ def _train(
     for step, samples in sampler.batches(start):
         if step >= cfg.steps or (stop_after is not None and step >= stop_after):
             break
-        batch = collate(samples, text, device)
+        batch = plugin.collate(samples, text, head_cfg, device)
         outputs = net(**batch)
-        losses = criterion(outputs, [s.targets.to(device) for s in samples])
+        losses = criterion(outputs, samples)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise SamcpError(f"loss became {loss.item()} at step {step}; lower --lr")
@@ -535,14 +474,6 @@ def _train(
         "images_per_s": images / max(time.perf_counter() - t0, 1e-9),
         "last": last,
     }
-
-
-def _criterion(head: str, head_cfg):
-    if head != "affinity":
-        raise SamcpError(f"no trainer for head {head!r} yet")
-    from samcp.models.affinity import AffinityCriterion
-
-    return AffinityCriterion(head_cfg)
 
 
 @dataclass
@@ -677,8 +608,14 @@ def _check_run_folder(
 
 # What a run folder holds (all written by samcp): cleared when a run never reached a checkpoint.
 _RUN_ENTRIES = (
-    "train_config.json", "classes.json", "text_embed.safetensors", "metrics.jsonl", "tb",
-    "checkpoints", MARKER,
+    "train_config.json",
+    "classes.json",
+    "vocabulary.txt",
+    "text_embed.safetensors",
+    "metrics.jsonl",
+    "tb",
+    "checkpoints",
+    MARKER,
 )
 
 
@@ -700,7 +637,13 @@ def _config_json(cfg: TrainConfig, head_cfg) -> dict:
 
 
 def _write_run_files(
-    out: Path, cfg, head_cfg, classes: ClassSpace, text: torch.Tensor, world_size: int = 1
+    out: Path,
+    cfg,
+    head_cfg,
+    classes: ClassSpace,
+    text: torch.Tensor,
+    world_size: int = 1,
+    vocab: Vocabulary | None = None,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -709,6 +652,8 @@ def _write_run_files(
     write_marker(out, "run")
     (out / "train_config.json").write_text(json.dumps(d, indent=2))
     (out / "classes.json").write_text(json.dumps(classes.categories, indent=1))
+    if vocab is not None:  # names and synonyms: what "seen" means at predict time
+        (out / "vocabulary.txt").write_text(vocab.to_text())
     save_file({"text_embed": text.detach().cpu().contiguous()}, str(out / "text_embed.safetensors"))
 
 

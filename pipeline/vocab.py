@@ -565,3 +565,53 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def class_text_embeddings(
+    vocab,
+    cache_attrs: dict,
+    clip_checkpoint: str | None,
+    templates: str,
+    device: torch.device,
+) -> torch.Tensor:
+    """(K, D) one embedding per class of ``vocab`` with the cache's CLIP: its synonyms'
+    template-averaged embeddings combined by the one rule of
+    :func:`samcp.models.openvocab.class_embeddings` (training and prediction alike).
+
+    Args:
+        vocab: the classes.
+        cache_attrs: the cache's root attributes (its CLIP model and checkpoint hash).
+        clip_checkpoint: the CLIP weights, needed when the text cache has no entry yet.
+        templates: prompt template set.
+        device: where to compute.
+    """
+    from samcp.models.openvocab import class_embeddings
+
+    clip = cache_attrs["clip"]
+    model = tokenizer = None
+    if clip_checkpoint:
+        import open_clip
+
+        from samcp.pipeline.clip import load_clip
+        from samcp.pipeline.foundation import file_sha256
+
+        if file_sha256(clip_checkpoint) != clip["checkpoint_sha256"]:
+            raise SamcpError(
+                f"--clip-checkpoint {clip_checkpoint} is not the CLIP the cache was made with; "
+                "pass the same checkpoint as for precompute"
+            )
+        model, _ = load_clip(clip["model"], clip_checkpoint, device)
+        tokenizer = open_clip.get_tokenizer(clip["model"])
+    try:
+        te = text_embeddings(
+            vocab,
+            clip["model"],
+            clip["checkpoint_sha256"],
+            model,
+            tokenizer,
+            templates=templates,
+            device=device,
+        )
+    except SamcpError as exc:
+        raise SamcpError(f"{exc} (pass --clip-checkpoint)") from None
+    return class_embeddings(te.embeddings.float(), te.class_index, len(vocab.ids))

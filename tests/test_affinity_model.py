@@ -18,7 +18,7 @@ from samcp.models.affinity import (
     save_head,
 )
 from samcp.models.affinity.model import AffinityDecoderLayer, AffinitySimilarity
-from samcp.models.registry import HEADS, build_config, build_head
+from samcp.models.registry import build_config, build_head, list_heads
 
 
 def make_batch(cfg: AffinityConfig, b: int = 2, p: int = 6, k: int = 4, seed: int = 0) -> dict:
@@ -253,7 +253,7 @@ def test_config_dict_round_trip_and_registry():
         AffinityConfig(clip_channels=(1, 2))
     with pytest.raises(KeyError, match="unknown head"):
         build_head("nope", cfg)
-    assert "affinity" in HEADS
+    assert "affinity" in list_heads()
     assert isinstance(build_head("affinity", AffinityConfig.tiny().to_dict()), AffinityHead)
 
 

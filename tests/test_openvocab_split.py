@@ -261,7 +261,7 @@ def test_training_on_seen_classes_voids_the_unseen_segments(tiny_train_cache, tm
     assert classes.ids == list(SEEN_CLASS_IDS) and vocab.ids == SEEN_CLASS_IDS
     assert classes.void_ids == set(UNSEEN_CLASS_IDS)
     reader = CacheReader(cfg.cache)
-    head_cfg = head_config_for_cache(cfg, reader.attrs)
+    head_cfg = head_config_for_cache(cfg, reader)
     sampler = CacheSampler(reader, dataset, classes, head_cfg, cfg)
     k = len(SEEN_CLASS_IDS)
     unseen_segments = 0

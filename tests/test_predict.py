@@ -13,18 +13,16 @@ from click.testing import CliRunner
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from samcp.models.compose import compose_regions
+from samcp.models.heads import CompositionParams, ImageResult
 from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.evaluation import evaluate, read_panoptic_png, resolve_ground_truth
 from samcp.pipeline.predict import (
-    ImageOutput,
     LabelSpace,
-    PanopticParams,
     PredictionWriter,
     Predictor,
-    compose_panoptic,
     predict_run,
     prediction_notes,
-    semantic_label_map,
 )
 
 H, W = 96, 128
@@ -100,78 +98,9 @@ def _rle(mask: np.ndarray) -> dict:
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 
 
-def test_semantic_map_takes_the_best_scoring_region_per_pixel():
-    a = np.zeros((4, 6), bool)
-    a[:, :4] = True  # class 0, score 0.3
-    b = np.zeros((4, 6), bool)
-    b[:, 2:5] = True  # class 1, score 0.9 (beats class 0 on columns 2-3)
-    c = np.zeros((4, 6), bool)
-    c[:2, :] = True  # class 2, score 0.5 (beats class 0, loses to class 1)
-    sem = semantic_label_map(
-        [_rle(a), _rle(b), _rle(c), None], np.array([0.3, 0.9, 0.5, 1.0]), 4, 6
-    )
-    expect = np.array(
-        [
-            [2, 2, 1, 1, 1, 2],
-            [2, 2, 1, 1, 1, 2],
-            [0, 0, 1, 1, 1, -1],
-            [0, 0, 1, 1, 1, -1],
-        ]
-    )
-    np.testing.assert_array_equal(sem, expect)
-
-
-def test_panoptic_overlap_rule_and_stuff_fill():
-    h, w = 10, 10
-    big = np.zeros((h, w), bool)
-    big[0:6, 0:6] = True  # 36 px, score 0.9
-    covered = np.zeros((h, w), bool)
-    covered[1:6, 1:7] = True  # 30 px, 25 under `big`: 1/6 free < 0.8 -> dropped
-    partly = np.zeros((h, w), bool)
-    partly[5:10, 5:10] = True  # 25 px, 1 under `big`: 24/25 free >= 0.8 -> kept, minus 1 px
-    weak = np.zeros((h, w), bool)
-    weak[8:10, 0:2] = True  # below score_thresh -> not painted
-    isthing = np.array([True, False, False])
-    sem = np.full((h, w), 1)  # stuff class 1 everywhere ...
-    sem[0, 9] = 2  # ... except one pixel of stuff class 2 (tiny -> dropped)
-    sem[9, 0] = 0  # a thing pixel no instance covers stays void
-    ids, segs = compose_panoptic(
-        [_rle(big), _rle(covered), _rle(partly), _rle(weak)],
-        np.array([0, 0, 0, 0]),
-        np.array([0.9, 0.8, 0.7, 0.2]),
-        sem,
-        np.array([0.0, 0.6, 0.7]),
-        isthing,
-        PanopticParams(score_thresh=0.5, overlap_thresh=0.8, stuff_area_min=2),
-    )
-    assert [(s["id"], s["label"], s["isthing"]) for s in segs] == [
-        (1, 0, True),
-        (2, 0, True),
-        (3, 1, False),
-    ]
-    np.testing.assert_array_equal(ids == 1, big)
-    np.testing.assert_array_equal(ids == 2, partly & ~big)
-    assert segs[1]["area"] == 24
-    stuff = ~big & ~(partly & ~big)
-    stuff[0, 9] = stuff[9, 0] = False
-    np.testing.assert_array_equal(ids == 3, stuff)
-    assert ids[0, 9] == 0 and ids[9, 0] == 0
-    assert segs[2]["area"] == int(stuff.sum()) and segs[2]["score"] == pytest.approx(0.6)
-    # With no area floor the one-pixel stuff region is kept.
-    _, segs = compose_panoptic(
-        [],
-        np.zeros(0, int),
-        np.zeros(0),
-        sem,
-        np.array([0.0, 0.6, 0.7]),
-        isthing,
-        PanopticParams(stuff_area_min=0),
-    )
-    assert sorted(s["label"] for s in segs) == [1, 2]
-
-
-def _gt_outputs(ds: Path) -> tuple[list[ImageOutput], LabelSpace, dict]:
-    """The ground truth itself as ImageOutputs: class regions and thing instances."""
+def _gt_outputs(ds: Path) -> tuple[list[ImageResult], LabelSpace, dict]:
+    """The ground truth itself as ImageResults: class regions and thing instances, composed by
+    the affinity head's composition."""
     gj, gp = resolve_ground_truth(ds, "val2017")
     data = json.loads(gj.read_text())
     labels = LabelSpace.from_categories(data["categories"], "gt")
@@ -190,7 +119,7 @@ def _gt_outputs(ds: Path) -> tuple[list[ImageOutput], LabelSpace, dict]:
                 inst.append(_rle(m))
                 inst_labels.append(c)
         outs.append(
-            ImageOutput(
+            compose_regions(
                 str(ann["image_id"]),
                 *ids.shape,
                 [_rle(r) if r.any() else None for r in regions],
@@ -198,6 +127,8 @@ def _gt_outputs(ds: Path) -> tuple[list[ImageOutput], LabelSpace, dict]:
                 inst,
                 np.array(inst_labels, np.int64),
                 np.linspace(0.99, 0.9, len(inst)),
+                labels.isthing,
+                CompositionParams(stuff_area_min=0),
             )
         )
         stems[str(ann["image_id"])] = Path(ann["file_name"]).stem
@@ -206,7 +137,7 @@ def _gt_outputs(ds: Path) -> tuple[list[ImageOutput], LabelSpace, dict]:
 
 def test_the_ground_truth_written_as_a_prediction_scores_perfectly(setup, tmp_path):
     outs, labels, stems = _gt_outputs(setup["ds"])
-    writer = PredictionWriter(tmp_path / "pred", labels, PanopticParams(stuff_area_min=0), stems)
+    writer = PredictionWriter(tmp_path / "pred", labels, stems)
     for o in outs:
         writer.add(o)
     pred = writer.finish({"notes": []})
@@ -297,9 +228,8 @@ def _first_sample(predictor: Predictor, cache: Path):
 
 
 def test_kappa_one_follows_clip_and_kappa_zero_the_classifier(setup):
-    from samcp.models.affinity import predict_image
+    from samcp.models.affinity import collate, predict_image
     from samcp.pipeline.cache import CacheReader
-    from samcp.pipeline.headdata import collate
 
     attrs = CacheReader(setup["cache"]).attrs
     p1 = Predictor.from_run(setup["run"], attrs, kappa=1.0, device="cpu")
@@ -313,7 +243,6 @@ def test_kappa_one_follows_clip_and_kappa_zero_the_classifier(setup):
     (o1,) = p1.predict([sample])
     assert o1.instance_labels[0] == thing
     assert (o1.instance_labels[o1.instance_scores > 0.5] == thing).all()
-    assert int(np.argmax(o1.semantic_scores)) == thing
 
     # kappa = 0: exactly the learned classifier (no CLIP), whatever the CLIP embeddings say.
     (o0,) = p0.predict([sample])
@@ -329,8 +258,7 @@ def test_kappa_one_follows_clip_and_kappa_zero_the_classifier(setup):
     )
     np.testing.assert_array_equal(o0.instance_labels, ref.instance_labels.numpy())
     np.testing.assert_allclose(o0.instance_scores, ref.instance_scores.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(o0.semantic_scores, ref.semantic_scores.numpy(), rtol=1e-5)
-    assert not np.allclose(o0.semantic_scores, o1.semantic_scores)
+    assert not np.allclose(o0.instance_scores, o1.instance_scores)
 
 
 def test_open_vocabulary_category_ids_and_thing_stuff(setup, tmp_path):
@@ -495,13 +423,11 @@ def test_batching_and_empty_images_do_not_change_predictions(setup):
         (one,) = p.predict([s])
         np.testing.assert_array_equal(b.instance_labels, one.instance_labels)
         np.testing.assert_allclose(b.instance_scores, one.instance_scores, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(b.semantic_scores, one.semantic_scores, rtol=1e-4, atol=1e-6)
-        assert [x["counts"] if x else None for x in b.semantic_rles] == [
-            x["counts"] if x else None for x in one.semantic_rles
-        ]
+        np.testing.assert_array_equal(b.semantic, one.semantic)
+        np.testing.assert_array_equal(b.panoptic, one.panoptic)
     e = batched[2]
     assert e.image_id == "empty" and not e.instance_rles
-    assert all(x is None for x in e.semantic_rles)
+    assert (e.semantic == -1).all() and not e.segments
 
 
 def test_failed_rows_are_predicted_void_with_a_note(setup, tmp_path):

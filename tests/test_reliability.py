@@ -305,12 +305,12 @@ def test_a_run_that_died_before_its_first_checkpoint_is_restarted(
 ):
     root, data, clip = tiny_train_cache
     out = tmp_path / "run"
-    import samcp.pipeline.train as train
+    from samcp.models.affinity.plugin import AffinityPlugin
 
     def boom(*a, **k):
         raise RuntimeError("simulated crash before the first checkpoint")
 
-    monkeypatch.setattr(train, "collate", boom)
+    monkeypatch.setattr(AffinityPlugin, "collate", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         main([str(a) for a in _train_args(root, data, clip, out)])
     assert (out / "train_config.json").exists() and not (out / "checkpoints").exists()

@@ -9,6 +9,8 @@ Public API:
     ImageTargets, build_image_targets      GT affinity from RLEs (min(box IoP, mask IoP) >= tau)
     patch_mask_crops                       MaskRoI input for the data loader
     predict_image, ImagePrediction         section 3.3 inference on one image
+    AffinitySample, make_sample, flip_sample, collate   samples from cached images
+    plugin.AffinityPlugin                  the head plugin (registered as "affinity")
     save_head, load_head                   safetensors weights + config.json
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from .config import AffinityConfig
+from .data import AffinitySample, collate, flip_sample, make_sample
 from .losses import AffinityCriterion
 from .matcher import HungarianMatcher, hungarian_match, match_cost
 from .model import (
@@ -36,7 +39,7 @@ from .targets import ImageTargets, build_image_targets, gt_affinity, patch_mask_
 
 
 def save_head(module: nn.Module, config: AffinityConfig, directory: str | Path) -> Path:
-    """`samcp.models.registry.save_head` (imported lazily: the registry imports this package)."""
+    """`samcp.models.registry.save_head`."""
     from ..registry import save_head as _save
 
     return _save(module, config, directory)
@@ -55,14 +58,18 @@ __all__ = [
     "AffinityCriterion",
     "AffinityHead",
     "AffinityOutput",
+    "AffinitySample",
     "HungarianMatcher",
     "ImagePrediction",
     "ImageTargets",
     "build_affinity_head",
     "build_image_targets",
+    "collate",
+    "flip_sample",
     "gt_affinity",
     "hungarian_match",
     "load_head",
+    "make_sample",
     "match_cost",
     "merge_patches",
     "normalized_affinity",

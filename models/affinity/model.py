@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from ..openvocab import geometric_ensemble, kappa_fusion
 from .config import AffinityConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +570,7 @@ class AffinityHead(nn.Module):
 
 
 def build_affinity_head(config: AffinityConfig) -> AffinityHead:
-    """Registry builder: `HEADS["affinity"]`."""
+    """Builds the head from its config (the plugin's `build`)."""
     return AffinityHead(config)
 
 
@@ -612,11 +613,9 @@ def query_clip_logits(
 def open_vocab_scores(class_logits: Tensor, clip_logits: Tensor | None, kappa: float) -> Tensor:
     """S_ov = sigmoid(S_cls)^(1-kappa) * softmax(S_CLIP)^kappa (section 3.3; the geometric mean that
     table 9 ablates; the '+' printed in section 3.3 contradicts "geometric average"). Without CLIP
-    logits, sigmoid(S_cls)."""
-    probs = class_logits.sigmoid()
-    if clip_logits is None:
-        return probs
-    return probs.pow(1 - kappa) * clip_logits.softmax(-1).pow(kappa)
+    logits, sigmoid(S_cls). The shared classifier's geometric ensemble with alpha = beta = kappa
+    (:func:`samcp.models.openvocab.kappa_fusion`)."""
+    return kappa_fusion(class_logits, clip_logits, kappa)
 
 
 @dataclass
@@ -654,6 +653,9 @@ def predict_image(
     text_embed: Tensor | None = None,
     patch_areas: Tensor | None = None,
     instance_classes: Tensor | None = None,
+    seen: Tensor | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
 ) -> ImagePrediction:
     """Section 3.3 for one image (use the last layer's outputs).
 
@@ -670,6 +672,9 @@ def predict_image(
         config: thresholds, kappa, score mode.
         patch_clip_embed, text_embed, patch_areas: enable the open-vocabulary fusion when given.
         instance_classes: (K,) bool classes an instance may take (thing classes); None = all.
+        seen, alpha, beta: the shared geometric ensemble (samcp.models.openvocab) with CLIP weight
+            alpha on the ``seen`` (training-vocabulary) classes and beta on the others; None
+            takes ``config.kappa`` for both (SAM-CP's fusion, alpha = beta = kappa).
 
     Returns:
         ImagePrediction.
@@ -683,7 +688,14 @@ def predict_image(
         clip_logits = query_clip_logits(
             members, patch_clip_embed, text_embed, patch_areas, config.clip_logit_scale
         )
-    probs = open_vocab_scores(class_logits, clip_logits, config.kappa)
+    a = config.kappa if alpha is None else alpha
+    b = config.kappa if beta is None else beta
+    if clip_logits is None:
+        probs = class_logits.sigmoid()
+    else:
+        if seen is None:
+            seen = torch.ones(num_semantic, dtype=torch.bool, device=class_logits.device)
+        probs = geometric_ensemble(class_logits.sigmoid(), clip_logits.softmax(-1), seen, a, b)
 
     ar = torch.arange(k, device=probs.device)
     sem_scores = probs[ar, ar]
