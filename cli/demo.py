@@ -31,15 +31,16 @@ def command(out: Path, num_workers: int) -> None:
        seen-class file classes_seen.txt.
     2. CLIP: samcp's synthetic-world CLIP (samcp synth-clip), trained once on
        the train split and reused from the samcp cache folder.
-    3. precompute: both splits on local Ray, with SLIC proposals and the
-       CLIP's features.
-    4. train: the SAM-CP affinity head on the train cache, seen classes only
-       (and an untrained copy as a baseline).
-    5. predict + eval: all classes on val with kappa 0 (head alone) and 0.4
-       (fused with CLIP); PQ, mIoU and AP for all, seen and unseen classes
-       of the untrained head, the trained head and the proposal oracle,
-       printed as a table and written to OUT/figures.json.
-    6. viz: pictures of the trained head's predictions in OUT/viz.
+    3. precompute: both splits on local Ray, with SLIC proposals, the
+       CLIP's features and SAM embeddings of a tiny random SAM.
+    4. train: the SAM-CP affinity head and the PosSAM head on the train
+       cache, seen classes only (and untrained copies as baselines).
+    5. predict + eval: all classes on val, each head with CLIP off and
+       fused (SAM-CP kappa 0 / 0.4 / alpha .4 beta .8; PosSAM LDP only,
+       CLIP only, geometric, MASE); PQ/SQ/RQ, mIoU and AP for all, seen and
+       unseen classes and the proposal oracle, printed as a table and
+       written to OUT/figures.json.
+    6. viz: pictures of the trained PosSAM head's predictions in OUT/viz.
 
     Set SAM_CHECKPOINT (and SAM_MODEL) or CLIP_CHECKPOINT (and CLIP_MODEL) to use real SAM or CLIP
     weights instead. Re-running resumes: the dataset, CLIP, caches and finished runs are reused.

@@ -602,7 +602,8 @@ class ZeroShotResult:
     Attributes:
         accuracy: Fraction of ground-truth segments whose best-matching proposal's
             ``clip_mask_embed`` scores its own class highest (all names of each class,
-            template-averaged, best synonym: :func:`samcp.pipeline.vocab.class_scores`).
+            template-averaged, one embedding per class as the heads use it:
+            :func:`samcp.pipeline.vocab.class_scores`).
         primary_name_accuracy: The same with only each class's first (dataset) name.
         synonym_accuracy: The same with only each class's other names (classes without synonyms
             keep their name).

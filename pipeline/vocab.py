@@ -328,10 +328,9 @@ class ClassTextEmbeddings:
 
 
 def class_scores(image_embeds: torch.Tensor, text: ClassTextEmbeddings) -> torch.Tensor:
-    """Cosine similarity of each region to each class: the maximum over the class's synonyms.
-
-    FC-CLIP (Yu et al. 2023) scores a class with several names by the best-matching name, so a
-    synonym only ever helps its own class.
+    """Cosine similarity of each region to each class, with samcp's one synonym rule: a class is
+    the normalised mean of its synonyms' embeddings (:func:`samcp.models.openvocab.class_embeddings`),
+    the same embedding the heads train and predict with.
 
     Args:
         image_embeds: (M, D) region embeddings in CLIP space (normalised here; any float dtype).
@@ -340,17 +339,18 @@ def class_scores(image_embeds: torch.Tensor, text: ClassTextEmbeddings) -> torch
     Returns:
         (M, K) float32 cosine similarities in [-1, 1], K = ``text.num_classes``.
     """
+    from samcp.models.openvocab import class_embeddings
+
     if image_embeds.ndim != 2 or image_embeds.shape[1] != text.dim:
         raise ValueError(
             f"image_embeds has shape {tuple(image_embeds.shape)}, expected (M, {text.dim})"
         )
-    emb = text.embeddings.to(device=image_embeds.device, dtype=torch.float32)
-    img = F.normalize(image_embeds.float(), dim=-1)
-    sims = img @ emb.T  # (M, S)
-    m = sims.shape[0]
-    index = text.class_index.to(image_embeds.device).expand(m, -1)
-    out = torch.full((m, text.num_classes), float("-inf"), device=sims.device)
-    return out.scatter_reduce(1, index, sims, reduce="amax", include_self=True)
+    emb = class_embeddings(
+        text.embeddings.to(device=image_embeds.device, dtype=torch.float32),
+        text.class_index.to(image_embeds.device),
+        text.num_classes,
+    )
+    return F.normalize(image_embeds.float(), dim=-1) @ emb.T
 
 
 class TextEmbedder:

@@ -267,6 +267,22 @@ def test_proposal_targets_hand_case():
     # no ground truth: all void, IoU 0
     t0 = proposal_targets([rle(m) for m in PROPOSALS], [], np.zeros(0), np.zeros(0, bool))
     assert t0.labels.tolist() == [VOID] * 6 and t0.iou.sum() == 0 and not t0.ignore.any()
+    # Every proposal lies on annotated pixels (the crowd segment counts as annotated) ...
+    assert t.iou_known.all()
+    # ... until segments are void (an unseen class turned to void): without B (top-right), the
+    # strip is half on void (kept: not more than half), and with only C annotated the top
+    # proposals are entirely on void (their IoU is unknown: no IoU loss).
+    t1 = proposal_targets(
+        [rle(m) for m in PROPOSALS], [rle(GT_MASKS[0]), rle(GT_MASKS[2])], [0, 2], [False, True]
+    )
+    assert t1.iou_known.tolist() == [True] * 6
+    t2 = proposal_targets([rle(m) for m in PROPOSALS], [rle(GT_MASKS[2])], [2], [False], 0.5)
+    assert t2.iou_known.tolist() == [False, False, False, True, True, False]
+    t3 = proposal_targets(
+        [rle(m) for m in PROPOSALS], [rle(GT_MASKS[2])], [2], [False], 0.5, iou_void_ignore=1.0
+    )
+    assert t3.iou_known.all()
+    assert not t0.iou_known.any()  # no annotation at all: nothing is known
 
 
 def test_mask_targets_drop_crowd():

@@ -62,6 +62,8 @@ class PossamConfig:
     # --- IoU head (sec. 3.3) ---
     iou_hidden: int = 256  # ours: MLP hidden width (paper: "IoU head", width unstated)
     iou_layers: int = 3  # ours: MLP depth (SAM's IoU head is a 3-layer MLP)
+    iou_features: str = "sam"  # ours, proposals path: "sam" (mask-pooled F_sam, class-agnostic as
+    #   sec. 3.3 asks) | "ldp" (LDP's fused features, which carry CLIP's classes; see model.py)
 
     # --- losses (eq. 1-4, appendix A "following [13]" = Mask2Former) ---
     loss_cls: float = 2.0  # paper app. A: gamma_a
@@ -72,6 +74,8 @@ class PossamConfig:
 
     # --- proposal targets (mask_source="proposals"; ours) ---
     match_iou: float = 0.5  # ours: PQ's matching IoU; above 0.5 a proposal matches one GT only
+    iou_void_ignore: float = 0.5  # ours: no IoU loss for a proposal mostly on void (unannotated)
+    #   pixels; 1.0 trains them towards IoU 0 (targets.py says why that hurts unseen classes)
 
     # --- inference (sec. 3.5, Algorithm 1) ---
     classifier: str = "mase"  # paper table 7: "mase" | "geometric" | "ldp" | "clip"
@@ -101,6 +105,8 @@ class PossamConfig:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}, got {self.mask_source!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.iou_features not in ("sam", "ldp"):
+            raise ValueError(f"iou_features must be sam or ldp, got {self.iou_features!r}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
         positive = {
@@ -146,6 +152,8 @@ class PossamConfig:
         for name in ("loss_cls", "loss_mask_bce", "loss_mask_dice", "loss_iou", "void_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.iou_void_ignore <= 1.0:
+            raise ValueError(f"iou_void_ignore must be in [0, 1], got {self.iou_void_ignore}")
         if not 0.0 < self.match_iou <= 1.0:
             raise ValueError(f"match_iou must be in (0, 1], got {self.match_iou}")
         for name in ("alpha", "beta", "score_thresh", "overlap_thresh", "dropout"):

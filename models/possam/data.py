@@ -99,7 +99,12 @@ def make_sample(
     if gt is not None:
         if config.mask_source == "proposals":
             sample.targets = proposal_targets(
-                inputs.rles, gt.rles, gt.labels, gt.iscrowd, config.match_iou
+                inputs.rles,
+                gt.rles,
+                gt.labels,
+                gt.iscrowd,
+                config.match_iou,
+                config.iou_void_ignore,
             )
         else:
             sample.gt = mask_targets(

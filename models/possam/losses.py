@@ -6,7 +6,7 @@ Proposals (``mask_source="proposals"``; the masks are fixed, so there is nothing
 
     CE over the valid, non-ignored proposals (targets: samcp.models.possam.targets), weighted mean
     with weight ``void_weight`` on the void class (Mask2Former's no-object weight); MSE over the
-    valid proposals.
+    valid proposals whose IoU target is known (not mostly on unannotated pixels).
 
 Decoder (``mask_source="decoder"``, Mask2Former's criterion as appendix A says)::
 
@@ -139,7 +139,7 @@ class PossamCriterion(nn.Module):
             lab[t.ignore.to(device)] = IGNORE
             cls_t[i, :m] = lab
             iou_t[i, :m] = t.iou.to(device)
-            iou_w[i, :m] = 1.0
+            iou_w[i, :m] = t.iou_known.to(device).float()
         cls_t[~out.valid] = IGNORE
         iou_w = iou_w * out.valid
         loss_cls = _ce(out.class_logits, cls_t, _class_weights(k, cfg, device))

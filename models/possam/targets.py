@@ -11,6 +11,11 @@ Proposal path (``mask_source="proposals"``, ours; the paper trains its own decod
 * IoU target: the best IoU with any non-crowd segment, 0 when the image has none. This is what the
   IoU head estimates at inference ("the IoU score between predicted binary masks and their
   corresponding ground truths", sec. 3.3), with the best-matching segment as the corresponding one.
+* a proposal lying mostly (> ``iou_void_ignore``, 0.5) on void pixels, which no segment covers, is
+  left out of the IoU loss: void means *unannotated* (COCO's unlabelled regions, the unseen
+  classes of an open-vocabulary split), so a good mask there would otherwise learn "IoU 0" and
+  MASE, which weighs every class score by the predicted IoU, would suppress exactly the objects of
+  unseen classes.
 
 Decoder path (``mask_source="decoder"``): the non-crowd segments as binary masks on the stride-4
 mask grid of the frame, plus their labels (Mask2Former's panoptic mapper drops crowd segments).
@@ -46,11 +51,14 @@ class ProposalTargets:
         labels: (N,) long class index, ``VOID`` (-1) for void.
         ignore: (N,) bool, left out of the class loss (best match is a crowd segment).
         iou: (N,) float32 best IoU with a non-crowd segment.
+        iou_known: (N,) bool, False for a proposal lying mostly on unannotated (void) pixels:
+            its quality is unknown, so it is left out of the IoU loss.
     """
 
     labels: Tensor
     ignore: Tensor
     iou: Tensor
+    iou_known: Tensor
 
     def to(self, device) -> ProposalTargets:
         return ProposalTargets(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -91,6 +99,7 @@ def proposal_targets(
     gt_labels: np.ndarray,
     gt_iscrowd: np.ndarray,
     match_iou: float = 0.5,
+    iou_void_ignore: float = 0.5,
 ) -> ProposalTargets:
     """Class and IoU targets of the proposals (rule in the module docstring).
 
@@ -100,6 +109,9 @@ def proposal_targets(
         gt_labels: (S,) contiguous class index.
         gt_iscrowd: (S,) bool.
         match_iou: a proposal matches its best segment when their IoU >= this.
+        iou_void_ignore: a proposal with more than this fraction of its area on pixels no
+            segment covers (void: unannotated, e.g. the unseen classes of an open-vocabulary
+            split) is left out of the IoU loss; 1 keeps every proposal.
     """
     labels_in = np.asarray(gt_labels, np.int64).reshape(-1)
     crowd = np.asarray(gt_iscrowd, bool).reshape(-1)
@@ -118,10 +130,21 @@ def proposal_targets(
         labels[take] = labels_in[best[take]]
         if (~crowd).any():
             best_iou = iou[:, ~crowd].max(axis=1).astype(np.float32)
+    known = np.ones(n, bool)
+    if n and iou_void_ignore < 1.0:
+        if gt_rles:
+            union = mask_utils.merge(list(gt_rles), intersect=0)
+            # iscrowd=1 makes pycocotools' "iou" the fraction of each proposal inside the union.
+            inside = np.asarray(mask_utils.iou(list(proposal_rles), [union], [1]))
+            inside = inside.reshape(n)
+        else:
+            inside = np.zeros(n)
+        known = (1.0 - inside) <= iou_void_ignore
     return ProposalTargets(
         labels=torch.from_numpy(labels),
         ignore=torch.from_numpy(ignore),
         iou=torch.from_numpy(best_iou),
+        iou_known=torch.from_numpy(known),
     )
 
 

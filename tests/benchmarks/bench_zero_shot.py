@@ -11,7 +11,8 @@ On the demo's dataset (``make_synthetic_dataset(root, seed=0)``: 40 train, 20 va
    (``run_precompute`` in-process, ``num_workers=0``);
 4. for every ground-truth segment of val, take the cached ``clip_mask_embed`` of its best-IoU
    proposal (oracle assignment) and classify it against the 11 classes embedded by the same CLIP's
-   text tower (ViLD's 14 templates averaged per name; the best name of each class, FC-CLIP's rule):
+   text tower (ViLD's 14 templates averaged per name; one embedding per class, the normalised
+   mean of its names: samcp.models.openvocab's rule, as the heads use it):
    top-1 accuracy with all names, with the first names only and with the synonyms only, and per
    class. Chance is 1/11 = 9%.
 
@@ -102,7 +103,7 @@ def run(work: Path, steps: int | None, input_size: int, seed: int) -> None:
     print("| zero-shot top-1 from the cache | synthetic CLIP | random CLIP |")
     print("|---|---|---|")
     for label, key in (
-        ("all names (template-averaged, best name)", "accuracy"),
+        ("all names (template-averaged, mean of names)", "accuracy"),
         ("first names only", "primary_name_accuracy"),
         ("synonyms only", "synonym_accuracy"),
     ):
