@@ -7,7 +7,7 @@ round counts. Samples are memoised (the shipped default), so the figure is the h
 forward/backward cost, the quantity that decides how cheap decoupled training is.
 
 Usage:
-    python tests/benchmarks/bench_heads.py [--images 8] [--steps 10] [--repeats 2]
+    python tests/benchmarks/bench_heads.py [--images 4] [--steps 3] [--repeats 2]
         [--clip-model samcp-synth-convnext] [--clip-size 512] [--sam-model vit_tiny]
 """
 
@@ -82,8 +82,8 @@ def _params(model_dir: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2, help="alternating rounds; best of N")
     ap.add_argument("--clip-model", default="samcp-synth-convnext")
     ap.add_argument("--clip-size", type=int, default=512)

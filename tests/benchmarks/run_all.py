@@ -14,6 +14,7 @@ BENCHES = [
     "bench_clip.py",
     "bench_eval.py",
     "bench_train.py",
+    "bench_heads.py",
     "bench_zero_shot.py",
 ]
 
