@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers import MLP
 from ..openvocab import OpenVocabClassifier, text_logits
 from .config import PossamConfig
 
@@ -106,22 +107,6 @@ def masked_average_pool(feat: Tensor, masks: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Building blocks.
 # ----------------------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    """``layers`` Linear layers with ReLU between them."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int) -> None:
-        super().__init__()
-        dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 class SelfAttentionBlock(nn.Module):
