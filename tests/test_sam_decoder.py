@@ -7,9 +7,9 @@ from functools import partial
 import pytest
 import torch
 
-import samcp.pipeline.proposals.sam_decoder as sd
+import samcp.models.sam_decoder as sd
 from samcp.pipeline.foundation import build_sam_arch
-from samcp.pipeline.proposals.sam_decoder import (
+from samcp.models.sam_decoder import (
     _fast_supported,
     decode_points,
     decode_points_reference,

@@ -98,7 +98,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from samcp.pipeline.proposals.sam_decoder import (
+    from samcp.models.sam_decoder import (
         _fast_supported,
         decode_points,
         decode_points_reference,
