@@ -67,10 +67,28 @@ def parse_sets(sets: tuple[str, ...]) -> dict:
     "classes_seen.txt; the dataset's other categories become void [all dataset categories].",
 )
 @click.option(
-    "--steps", type=click.IntRange(min=1), default=None, help="Optimisation steps [2000]."
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Optimisation steps [2000, or from --epochs].",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Passes over the cache instead of --steps (steps = ceil(epochs x images / global "
+    "batch)); the learning rate drops x0.1 after 8/12 and 11/12 of the run unless lr_drop is set.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per step [4].")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate [2e-4].")
+@click.option(
+    "--lr", type=float, default=None, help="AdamW learning rate [the head's; affinity: 2e-4]."
+)
+@click.option(
+    "--weight-decay",
+    type=float,
+    default=None,
+    help="AdamW weight decay [the head's: affinity 1e-4, possam 0.05].",
+)
 @click.option("--seed", type=int, default=None, help="Seed of data order, flips and init [0].")
 @click.option("--device", default=None, help="auto, cpu or cuda [auto].")
 @click.option(
@@ -101,8 +119,10 @@ def command(
     clip_checkpoint,
     class_file,
     steps,
+    epochs,
     batch_size,
     lr,
+    weight_decay,
     seed,
     device,
     ckpt_every,
@@ -143,14 +163,19 @@ def command(
         clip_checkpoint=clip_checkpoint,
         classes=class_file,
         steps=steps,
+        epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        weight_decay=weight_decay,
         seed=seed,
         device=device,
         ckpt_every=ckpt_every,
     )
+    if steps is not None or epochs is not None:  # the command line's length replaces the file's
+        values.pop("steps", None)
+        values.pop("epochs", None)
     values.update({k: v for k, v in cli_values.items() if v is not None})
-    if "lr_drop" in values:
+    if values.get("lr_drop") is not None:
         drop = values["lr_drop"]
         values["lr_drop"] = tuple(drop) if isinstance(drop, (list, tuple)) else (drop,)
     yaml_overrides = values.get("head_overrides", {})

@@ -4,9 +4,10 @@ Two entry points, both returning :class:`samcp.models.heads.ImageResult`:
 
 * :func:`compose_masks` -- mask-classification heads (one class distribution per binary mask):
   Mask2Former / FC-CLIP's inference rules.
-* :func:`compose_regions` -- SAM-CP's affinity head, which names class regions and ranked
-  instances directly: the semantic map paints regions by score, the panoptic map takes instances
-  first and fills stuff from the semantic map.
+* :func:`compose_regions` -- class regions and ranked instances (the affinity head's
+  ``composition: regions``; its default, the authors' rule, goes through :func:`compose_masks`):
+  the semantic map paints regions by score, the panoptic map takes instances first and fills
+  stuff from the semantic map.
 
 Masks are COCO RLE dicts (pycocotools) at (height, width). Pure numpy / pycocotools; imports
 nothing from ``samcp.pipeline``.
@@ -270,8 +271,11 @@ def compose_masks(
       dropped; a thing mask becomes one segment; all kept masks of one stuff class merge into one
       segment (score = the largest). A stuff segment smaller than ``stuff_area_min`` pixels is
       dropped. Dropped masks' pixels are void; segment ids are 1..n in creation order.
-    * Semantic: per pixel ``argmax_c sum_n probs[n, c] * mask_n`` over all masks (ties -> lower
-      class); -1 where no class gets positive evidence (no mask covers the pixel).
+    * Semantic, by ``params.semantic_from``: ``"all"`` (default), per pixel
+      ``argmax_c sum_n probs[n, c] * mask_n`` over all masks (ties -> lower class), -1 where no
+      class gets positive evidence (no mask covers the pixel); ``"kept"``, the same sum over the
+      masks scoring at least ``score_thresh`` only; ``"panoptic"``, the class of the pixel's
+      panoptic segment, -1 on void (so the two maps agree pixel for pixel, as SAM-CP's code).
     * Instances: the top ``params.max_instances`` (mask, thing class) pairs by
       ``probs[n, c] * mask_scores[n]`` (1 without mask scores), score descending; pairs scoring 0
       and empty masks are dropped.
@@ -299,7 +303,14 @@ def compose_masks(
     areas = _rle_areas(rles)
     packed = _pack_masks(rles, height, width)
     panoptic, segments = _panoptic_from_masks(packed, areas, probs, isthing, params, height, width)
-    semantic = _semantic_from_masks(packed, probs, height, width)
+    if params.semantic_from == "panoptic":
+        seg_labels = np.array([NO_CLASS] + [s["label"] for s in segments], np.int32)
+        semantic = seg_labels[panoptic]  # segment ids are 1..n in list order, 0 = void
+    else:
+        votes = probs
+        if params.semantic_from == "kept":
+            votes = np.where((probs.max(axis=1) >= params.score_thresh)[:, None], probs, 0.0)
+        semantic = _semantic_from_masks(packed, votes, height, width)
     inst_rles, inst_labels, inst_scores = _instances_from_masks(
         rles, areas, probs, isthing, mask_scores, params.max_instances
     )
@@ -309,7 +320,7 @@ def compose_masks(
 
 
 # ----------------------------------------------------------------------------------------------
-# compose_regions: SAM-CP's class regions and ranked instances.
+# compose_regions: class regions and ranked instances (the affinity head's composition: regions).
 # ----------------------------------------------------------------------------------------------
 
 

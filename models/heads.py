@@ -119,12 +119,17 @@ class CompositionParams:
         the per-pixel competition (Mask2Former's overlap_threshold, 0.8).
     stuff_area_min: a stuff region smaller than this many pixels becomes void.
     max_instances: instances per image in instances.json (top-k, COCO's 100).
+    semantic_from: which masks make the semantic map of ``compose_masks``: ``"all"`` (every mask
+        votes, Mask2Former / FC-CLIP's semantic inference), ``"kept"`` (only masks scoring at
+        least score_thresh vote) or ``"panoptic"`` (each pixel takes the class of its panoptic
+        segment, void stays -1: SAM-CP's code).
     """
 
     score_thresh: float = 0.5
     overlap_thresh: float = 0.8
     stuff_area_min: int = 0
     max_instances: int = 100
+    semantic_from: str = "all"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_thresh <= 1.0:
@@ -135,6 +140,10 @@ class CompositionParams:
             raise ValueError(f"--stuff-area-min {self.stuff_area_min} must be >= 0")
         if self.max_instances < 0:
             raise ValueError(f"max_instances {self.max_instances} must be >= 0")
+        if self.semantic_from not in ("all", "kept", "panoptic"):
+            raise ValueError(
+                f"semantic_from must be 'all', 'kept' or 'panoptic', got {self.semantic_from!r}"
+            )
 
 
 @dataclass
@@ -212,6 +221,12 @@ class Head:
     #: config fields that only change inference, so ``samcp predict --set KEY=VALUE`` may change
     #: them on a trained run (ablations of the classifier, thresholds).
     inference_fields: ClassVar[tuple[str, ...]] = ()
+    #: values for config fields added after a head was saved: a saved config.json without one of
+    #: these keys predates it and gets the value that rebuilds the saved model exactly.
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
+    #: optimisation defaults of the head's paper/code (``lr``, ``weight_decay``, ``clip_grad``,
+    #: ``lr_drop``): ``samcp train`` uses them for the TrainConfig fields the user left unset.
+    train_defaults: ClassVar[Mapping[str, Any]] = {}
 
     # --- configuration -------------------------------------------------------------------------
 
@@ -241,8 +256,15 @@ class Head:
         are memoised by the trainer, so keep them compact."""
         raise NotImplementedError
 
-    def augment(self, sample: Any, config: Any, flip: bool) -> Any:
-        """The sample under a horizontal flip when ``flip`` (training only); default: unchanged."""
+    def augment(
+        self, sample: Any, config: Any, flip: bool, rng: np.random.Generator | None = None
+    ) -> Any:
+        """The sample under a horizontal flip when ``flip`` (training only); default: unchanged.
+
+        ``rng`` (training) is a generator seeded by (seed, epoch, step, position in the global
+        batch): draw any other random augmentation from it, so that it is reproducible and a
+        resumed run sees the same; None (tests, tools): no random augmentation besides ``flip``.
+        """
         return sample
 
     def collate(self, samples: Sequence[Any], text_embed: Tensor, config: Any, device) -> dict:

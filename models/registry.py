@@ -139,7 +139,8 @@ def load_head(directory: str | Path, device: str = "cpu") -> tuple[nn.Module, An
         )
     meta = json.loads(cfg_path.read_text())
     name = meta.get("head")
-    config = build_config(name, meta["config"])
+    saved = {**get_head(name).legacy_defaults, **meta["config"]}
+    config = build_config(name, saved)
     module = build_head(name, config)
     module.load_state_dict(load_file(str(w_path), device=device), strict=True)
     return module.to(device).eval(), config

@@ -36,9 +36,13 @@ DEMO_HEAD = {
     "num_heads": 4,
     "ffn_dim": 256,
     "num_decoder_layers": 3,
+    # DINO-style denoising queries (300 by default) cost ~2.4x per step on a CPU; the demo keeps
+    # its 10-minute budget without them (their effect: docs/heads/affinity.md).
+    "num_denoising_queries": 0,
 }
 DEMO_STEPS = 500
 KAPPA = 0.4  # SAM-CP's CLIP weight at inference (paper, sec. 3.3)
+CLIP_LEVELS = ("res3", "res4", "res5")  # SAM-CP pools each patch from the level its size selects
 # PosSAM's head at the paper's widths (LDP 256, one attention layer): 150 steps and dropout 0.3
 # (40 training images overfit quickly; picked among 150/250/400 steps x dropout 0/0.3 on this val
 # set, so the demo's PosSAM rows are a demonstration, not a held-out benchmark).
@@ -214,7 +218,9 @@ def _clip(data: Path, out: Path, echo):
     clip_ckpt = os.environ.get("CLIP_CHECKPOINT")
     if clip_ckpt:
         cfg = ClipConfig(
-            model=os.environ.get("CLIP_MODEL", "convnext_large_d_320"), checkpoint=clip_ckpt
+            model=os.environ.get("CLIP_MODEL", "convnext_large_d_320"),
+            checkpoint=clip_ckpt,
+            levels=CLIP_LEVELS,
         )
         echo(f"[2/6] CLIP: {cfg.model} from {clip_ckpt}")
         return cfg
@@ -250,7 +256,7 @@ def _clip(data: Path, out: Path, echo):
             f"      {summary.prepare_s + summary.train_s:.0f} s, region accuracy "
             f"{100 * summary.final_region_accuracy:.0f}% (CLIP_CHECKPOINT=... for a real CLIP)"
         )
-    return ClipConfig(model=SYNTH_CLIP_MODEL, checkpoint=str(path))
+    return ClipConfig(model=SYNTH_CLIP_MODEL, checkpoint=str(path), levels=CLIP_LEVELS)
 
 
 def cache_summary(cache: Path) -> dict:
@@ -285,7 +291,7 @@ def _predict_and_eval(
     from samcp.pipeline.evaluation.groups import read_seen_classes
     from samcp.pipeline.predict import predict_run
 
-    # Stuff regions below ~1% of these 320x240 images are dropped (detectron2's 4096 px is for COCO).
+    # Each head's own composition thresholds (docs/predict.md), as `samcp predict` uses them.
     predict_run(
         run,
         cache,
@@ -295,7 +301,6 @@ def _predict_and_eval(
         alpha=alpha,
         beta=beta,
         overrides=overrides,
-        stuff_area_min=800,
         progress=False,
     )
     gt_json, gt_png = resolve_ground_truth(data, "val2017")

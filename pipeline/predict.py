@@ -760,6 +760,7 @@ def predict_run(
             "overlap_thresh": params.overlap_thresh,
             "stuff_area_min": params.stuff_area_min,
             "max_instances": params.max_instances,
+            "semantic_from": params.semantic_from,
         },
         "num_images": len(writer.images),
         "num_failed": failed,

@@ -12,8 +12,9 @@ the CLIP text tower once (cached on disk). A run folder holds everything:
     <run>/model/                   the final weights (model.safetensors + config.json)
     <run>/metrics.jsonl            one line per logged step; TensorBoard events in <run>/tb/
 
-Data order is a pure function of (seed, epoch), so ``--resume`` continues exactly where the last
-checkpoint stopped and reaches the weights of an uninterrupted run.
+Data order is a pure function of (seed, epoch), and augmentation (flips, the head's rescale + crop)
+of (seed, epoch, step, position), so ``--resume`` continues exactly where the last checkpoint stopped
+and reaches the weights of an uninterrupted run.
 
 Under ``torchrun`` (WORLD_SIZE > 1) the head is wrapped in DistributedDataParallel: every rank walks
 the same epoch order and takes its own ``batch_size`` slice of each global batch of
@@ -29,7 +30,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,12 +64,19 @@ class TrainConfig:
     classes: FC-CLIP class file (``id:name,synonym,...``) of the training classes; None: every
         dataset category. Segments of the dataset's other categories become void (open-vocabulary
         training on the seen classes); the file's names make the class text embeddings.
-    steps: optimisation steps.
+    steps: optimisation steps; None: ``epochs`` when given, else 2000.
+    epochs: train for this many passes over the cache instead (``steps`` = ceil(epochs * images /
+        global batch)); give ``steps`` or ``epochs``, not both.
     batch_size: images per step.
-    lr, weight_decay: AdamW.
-    lr_drop: fractions of ``steps`` where the learning rate is multiplied by 0.1.
-    clip_grad: max gradient norm (0 disables).
+    lr, weight_decay: AdamW; None: the head's default (``Head.train_defaults``: affinity 2e-4 and
+        1e-4 as the authors' code, PosSAM weight decay 0.05), else 2e-4 / 0.05.
+    lr_drop: fractions of ``steps`` where the learning rate is multiplied by 0.1; None: the head's
+        default, else (8/12, 11/12) when training by ``epochs`` (the code's 12-epoch schedule:
+        drops after epochs 8 and 11) and (0.8,) by ``steps``.
+    clip_grad: max gradient norm (0 disables); None: the head's default, else 0.1.
     flip: random horizontal flips (the head mirrors its features, masks and targets together).
+        Other random augmentation is the head's (its config; the affinity head's rescale + crop),
+        drawn from a generator of (seed, epoch, step, position) like the flips.
     max_patches: proposals per image a head sees (the cache's first ones, i.e. the generator's
         order).
     seed: data order, flips and initialisation.
@@ -90,12 +98,13 @@ class TrainConfig:
     clip_checkpoint: str | None = None
     templates: str = "vild"
     classes: str | None = None
-    steps: int = 2000
+    steps: int | None = None
+    epochs: int | None = None
     batch_size: int = 4
-    lr: float = 2e-4
-    weight_decay: float = 0.05
-    lr_drop: tuple[float, ...] = (0.8,)
-    clip_grad: float = 0.1
+    lr: float | None = None
+    weight_decay: float | None = None
+    lr_drop: tuple[float, ...] | None = None
+    clip_grad: float | None = None
     flip: bool = True
     max_patches: int = 300
     seed: int = 0
@@ -107,8 +116,11 @@ class TrainConfig:
     allow_incomplete: bool = False
     allow_other_dataset: bool = False
 
-    def validate(self) -> None:
+    def validate(self, resolved: bool = False) -> None:
         """Refuses settings that cannot train, before anything is read or written.
+
+        ``resolved``: a config from :func:`resolve_train_config` (which sets ``steps`` from
+        ``epochs``), so both may be set.
 
         Raises:
             SamcpError: naming the setting and its allowed range.
@@ -121,23 +133,47 @@ class TrainConfig:
                 raise SamcpError(
                     f"{name} = {value!r} is a {type(value).__name__}; it must be {_kind_name(kind)}"
                 )
-        if not all(isinstance(f, (int, float)) for f in self.lr_drop):
+        if self.lr_drop is not None and not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) for f in self.lr_drop
+        ):
             raise SamcpError(f"lr_drop = {self.lr_drop!r} must be a list of fractions in (0, 1)")
+        if self.steps is not None and self.epochs is not None and not resolved:
+            raise SamcpError(
+                f"steps = {self.steps} and epochs = {self.epochs} are both set; give --steps or "
+                "--epochs, not both"
+            )
         if self.head not in list_heads():
             raise SamcpError(
                 f"unknown head {self.head!r}; use --head with one of: {', '.join(list_heads())}"
             )
+
+        def unset_or(value, ok) -> bool:
+            return value is None or ok(value)
+
         checks = [
-            ("steps", self.steps >= 0, ">= 0 (0 saves the initial weights)"),
+            ("steps", unset_or(self.steps, lambda v: v >= 0), ">= 0 (0 saves the initial weights)"),
+            ("epochs", unset_or(self.epochs, lambda v: v >= 1), ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number such as 2e-4"),
-            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
-            ("clip_grad", math.isfinite(self.clip_grad) and self.clip_grad >= 0, ">= 0"),
+            (
+                "lr",
+                unset_or(self.lr, lambda v: math.isfinite(v) and v > 0),
+                "a positive number such as 2e-4",
+            ),
+            (
+                "weight_decay",
+                unset_or(self.weight_decay, lambda v: math.isfinite(v) and v >= 0),
+                ">= 0",
+            ),
+            ("clip_grad", unset_or(self.clip_grad, lambda v: math.isfinite(v) and v >= 0), ">= 0"),
             ("max_patches", self.max_patches >= 1, ">= 1"),
             ("log_every", self.log_every >= 1, ">= 1"),
             ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
             ("memo_images", self.memo_images >= 0, ">= 0"),
-            ("lr_drop", all(0 < f < 1 for f in self.lr_drop), "fractions in (0, 1)"),
+            (
+                "lr_drop",
+                unset_or(self.lr_drop, lambda v: all(0 < f < 1 for f in v)),
+                "fractions in (0, 1)",
+            ),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -155,16 +191,17 @@ _FIELD_TYPES: dict[str, Any] = {
     "preset": str,
     "templates": str,
     "device": str,
-    "steps": int,
+    "steps": (int, type(None)),
+    "epochs": (int, type(None)),
     "batch_size": int,
     "max_patches": int,
     "seed": int,
     "log_every": int,
     "ckpt_every": int,
     "memo_images": int,
-    "lr": (int, float),
-    "weight_decay": (int, float),
-    "clip_grad": (int, float),
+    "lr": (int, float, type(None)),
+    "weight_decay": (int, float, type(None)),
+    "clip_grad": (int, float, type(None)),
     "flip": bool,
     "progress": bool,
     "allow_incomplete": bool,
@@ -177,9 +214,86 @@ _FIELD_TYPES: dict[str, Any] = {
 def _kind_name(kind: Any) -> str:
     if kind == (int, float):
         return "a number"
+    if kind == (int, float, type(None)):
+        return "a number or null"
+    if kind == (int, type(None)):
+        return "an int or null"
     if isinstance(kind, tuple):
         return " or ".join("null" if k is type(None) else f"a {k.__name__}" for k in kind)
     return f"a {kind.__name__}"
+
+
+# What a TrainConfig field left unset (None) takes when the head has no default for it.
+DEFAULT_STEPS = 2000
+BUILTIN_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "weight_decay": 0.05, "clip_grad": 0.1}
+STEPS_LR_DROP = (0.8,)
+# The authors' schedule (MultiStepLR milestones [8, 11] of max_epochs 12): x0.1 after 8/12 and
+# 11/12 of the run.
+EPOCHS_LR_DROP = (8 / 12, 11 / 12)
+# The fields a head's ``train_defaults`` may set.
+HEAD_DEFAULT_FIELDS = ("lr", "weight_decay", "clip_grad", "lr_drop")
+
+
+def epochs_to_steps(epochs: int, num_images: int, global_batch: int) -> int:
+    """Steps of ``epochs`` passes over ``num_images`` images, ``global_batch`` images a step."""
+    return math.ceil(epochs * num_images / global_batch)
+
+
+def lr_milestones(lr_drop: tuple[float, ...], steps: int) -> list[int]:
+    """The steps after which the learning rate is multiplied by 0.1 (each at least 1)."""
+    # The epsilon keeps exact products (8/12 * 300 = 199.999...) on their step.
+    return sorted({max(1, math.floor(f * steps + 1e-9)) for f in lr_drop})
+
+
+def resolve_train_config(cfg: TrainConfig, num_images: int, world_size: int = 1) -> TrainConfig:
+    """``cfg`` with every unset field decided: the user's value always wins, then the head's
+    ``train_defaults``, then samcp's (``BUILTIN_TRAIN_DEFAULTS``, ``DEFAULT_STEPS``, the lr_drop of
+    an epoch or step run); ``epochs`` becomes ``steps`` for ``num_images`` cached images.
+
+    Raises:
+        SamcpError: the head's defaults name a field they may not set (a plugin bug).
+    """
+    from samcp.models.registry import get_head
+
+    head_defaults = dict(get_head(cfg.head).train_defaults)
+    bad = sorted(set(head_defaults) - set(HEAD_DEFAULT_FIELDS))
+    if bad:
+        raise SamcpError(f"head {cfg.head}: train_defaults may not set {', '.join(bad)}")
+    values: dict[str, Any] = {}
+    for name in HEAD_DEFAULT_FIELDS:
+        if getattr(cfg, name) is not None:
+            continue
+        if name in head_defaults:
+            values[name] = head_defaults[name]
+        elif name == "lr_drop":
+            values[name] = EPOCHS_LR_DROP if cfg.epochs is not None else STEPS_LR_DROP
+        else:
+            values[name] = BUILTIN_TRAIN_DEFAULTS[name]
+    if "lr_drop" in values:
+        values["lr_drop"] = tuple(values["lr_drop"])
+    if cfg.epochs is not None:
+        values["steps"] = epochs_to_steps(cfg.epochs, num_images, cfg.batch_size * world_size)
+    elif cfg.steps is None:
+        values["steps"] = DEFAULT_STEPS
+    return replace(cfg, **values)
+
+
+def default_sources(cfg: TrainConfig) -> dict[str, str]:
+    """For each field ``resolve_train_config`` will fill: ``"head"`` (the head's train_defaults),
+    ``"epochs"`` (steps from epochs) or ``"samcp"`` (the built-in default)."""
+    from samcp.models.registry import get_head
+
+    head_defaults = get_head(cfg.head).train_defaults
+    out = {
+        name: "head" if name in head_defaults else "samcp"
+        for name in HEAD_DEFAULT_FIELDS
+        if getattr(cfg, name) is None
+    }
+    if cfg.epochs is not None:
+        out["steps"] = "epochs"
+    elif cfg.steps is None:
+        out["steps"] = "samcp"
+    return out
 
 
 def training_classes(
@@ -250,7 +364,8 @@ class CacheSampler:
     ``rank`` / ``world_size`` (set by run_training under DDP): a step's global batch is
     ``batch_size * world_size`` consecutive images of the epoch order and this process yields the
     ``rank``-th ``batch_size`` chunk of it (flips drawn for the global batch, so they follow the
-    image's position, not the rank).
+    image's position, not the rank). The head's ``augment`` gets a generator seeded by
+    (seed, epoch, step, position in the global batch) for its other random augmentation.
     """
 
     rank: int = 0
@@ -314,15 +429,20 @@ class CacheSampler:
             order = self.epoch_order(epoch)
             keys = order[pos * gbs : (pos + 1) * gbs]
             flips = np.random.default_rng([self.cfg.seed, epoch, pos, 1]).random(len(keys)) < 0.5
+            slots = list(range(len(keys)))  # positions in the global batch
             if self.world_size > 1:
                 # An epoch shorter than the global batch wraps around so that every rank gets
                 # images (tiny sets); with enough images this is a plain slice.
-                keys = [keys[(self.rank * bs + j) % len(keys)] for j in range(bs)]
-                flips = flips[[(self.rank * bs + j) % len(flips) for j in range(bs)]]
+                slots = [(self.rank * bs + j) % len(keys) for j in range(bs)]
+                keys = [keys[j] for j in slots]
+                flips = flips[slots]
             out = []
-            for key, flip in zip(keys, flips, strict=True):
+            for key, flip, slot in zip(keys, flips, slots, strict=True):
                 s = self.sample(key)
-                out.append(self.plugin.augment(s, self.head_cfg, bool(self.cfg.flip and flip)))
+                # The head's other random augmentation: its own generator per position.
+                rng = np.random.default_rng([self.cfg.seed, epoch, pos, 2, slot])
+                flip = bool(self.cfg.flip and flip)
+                out.append(self.plugin.augment(s, self.head_cfg, flip, rng=rng))
             yield step, out
             step += 1
 
@@ -381,13 +501,18 @@ def _train(
     classes, vocab = training_classes(dataset.categories, cfg.classes, dataset.json_path)
     head_cfg = head_config_for_cache(cfg, reader)
     plugin = get_head(cfg.head)
+    sampler = (sampler_cls or CacheSampler)(reader, dataset, classes, head_cfg, cfg)
+    # Unset fields take the head's defaults; epochs become steps (from the cached image count).
+    sources = default_sources(cfg)
+    cfg = resolve_train_config(cfg, sampler.num_images, dist.world)
+    cfg.validate(resolved=True)
+    sampler.cfg = cfg
     torch.manual_seed(cfg.seed)
     model = build_head(cfg.head, head_cfg).to(device)
     criterion = plugin.criterion(head_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    milestones = sorted({max(1, int(f * cfg.steps)) for f in cfg.lr_drop})
+    milestones = lr_milestones(cfg.lr_drop, cfg.steps)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    sampler = (sampler_cls or CacheSampler)(reader, dataset, classes, head_cfg, cfg)
     if dist.main:  # one training per run folder at a time; released when the run ends
         held.enter_context(FolderLock(out, "run folder", "samcp train"))
     dist.barrier()
@@ -399,7 +524,7 @@ def _train(
         text = class_text_embeddings(
             vocab, reader.attrs, cfg.clip_checkpoint, cfg.templates, device
         )
-        _write_run_files(out, cfg, head_cfg, classes, text, dist.world, vocab)
+        _write_run_files(out, cfg, head_cfg, classes, text, dist.world, vocab, sources)
     else:  # CLIP runs on rank 0 only; the others receive its embeddings
         text = torch.empty(len(classes), reader.attrs["clip"]["embed_dim"], device=device)
     dist.broadcast(text)
@@ -585,7 +710,19 @@ def _check_run_folder(
         )
     old = json.loads(saved.read_text())
     now = _config_json(cfg, head_cfg)
-    for key in ("head", "head_config", "batch_size", "lr", "seed", "steps", "max_patches", "flip"):
+    for key in (
+        "head",
+        "head_config",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "lr_drop",
+        "seed",
+        "epochs",  # before steps, which an epoch count sets
+        "steps",
+        "max_patches",
+        "flip",
+    ):
         if old.get(key) != now.get(key):
             raise SamcpError(
                 f"cannot resume {out}: {key} was {old.get(key)!r}, now {now.get(key)!r}; "
@@ -644,11 +781,14 @@ def _write_run_files(
     text: torch.Tensor,
     world_size: int = 1,
     vocab: Vocabulary | None = None,
+    sources: dict[str, str] | None = None,
 ) -> None:
     from safetensors.torch import save_file
 
     d = _config_json(cfg, head_cfg)
     d["world_size"] = world_size
+    if sources:  # where each field left unset got its value
+        d["defaults_from"] = sources
     write_marker(out, "run")
     (out / "train_config.json").write_text(json.dumps(d, indent=2))
     (out / "classes.json").write_text(json.dumps(classes.categories, indent=1))

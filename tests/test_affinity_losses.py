@@ -94,7 +94,11 @@ def test_criterion_total_on_a_hand_case():
         assert float(losses[f"{kind}_mfl"]) == pytest.approx(0.25 * LN2, rel=1e-5)
         assert float(losses[f"{kind}_dice"]) == pytest.approx(1 / 3, rel=1e-5)
         assert float(losses[f"num_pos_{kind}"]) == 1
-    expected = 2 * (2.0 * 0.625 * LN2 + 0.25 * LN2 + 1 / 3)
+    # BG: the unmatched instance query's target is its own patch: the same closed forms.
+    assert float(losses["bg_mfl"]) == pytest.approx(0.25 * LN2, rel=1e-5)
+    assert float(losses["bg_dice"]) == pytest.approx(1 / 3, rel=1e-5)
+    assert float(losses["num_pos_bg"]) == 1
+    expected = 2 * (2.0 * 0.625 * LN2 + 0.25 * LN2 + 1 / 3) + 0.25 * LN2 + 1 / 3
     assert float(losses["loss"].detach()) == pytest.approx(expected, rel=1e-5)
     losses["loss"].backward()
     assert out.affinity_logits.grad is not None and out.affinity_logits.grad.abs().sum() > 0

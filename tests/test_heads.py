@@ -168,3 +168,18 @@ def test_registry_lists_builtin_heads_and_refuses_unknown_names():
     assert {"affinity", "possam"} <= set(list_heads())
     with pytest.raises(KeyError, match="known heads: .*affinity"):
         get_head("no_such_head")
+
+
+@pytest.mark.parametrize("name", [n for n in list_heads() if get_head(n).legacy_defaults])
+def test_a_head_saved_before_new_config_fields_loads_as_it_was(name, tmp_path):
+    """A config.json without the fields added later rebuilds the model it was saved with."""
+    head, cfg = _config(name)
+    old = head.config_cls.from_dict({**cfg.to_dict(), **head.legacy_defaults})
+    save_head(build_head(name, old), old, tmp_path / "model")
+    path = tmp_path / "model" / "config.json"
+    meta = json.loads(path.read_text())
+    for key in head.legacy_defaults:
+        del meta["config"][key]
+    path.write_text(json.dumps(meta))
+    _, loaded = load_head(tmp_path / "model")  # strict state-dict load
+    assert loaded == old

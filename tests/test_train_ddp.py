@@ -63,6 +63,9 @@ def _cfg(setup, out: Path, batch_size: int) -> TrainConfig:
         dataset=str(data),
         out=str(out),
         preset="tiny",
+        # Denoising groups (per-rank batch, RNG) and the BG mean (per-rank count of negative queries)
+        # depend on how the batch is split: DDP == single process holds only without them.
+        head_overrides={"num_denoising_queries": 0, "bg_self_affinity": False},
         clip_checkpoint=str(clip_ckpt),
         steps=STEPS,
         batch_size=batch_size,

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..frames import content_width_cells, mirror_columns
 from ..heads import GroundTruth, ImageInputs
 from .config import AffinityConfig
+from .denoising import build_denoising_queries
 from .targets import ImageTargets, build_image_targets, patch_mask_crops
 
 
@@ -116,8 +117,19 @@ def flip_sample(s: AffinitySample) -> AffinitySample:
     )
 
 
-def collate(samples: list[AffinitySample], text_embed: Tensor, device: torch.device | str) -> dict:
-    """The head's batch dict (samcp.models.affinity.BATCH_KEYS), padded to the largest P."""
+def collate(
+    samples: list[AffinitySample],
+    text_embed: Tensor,
+    device: torch.device | str,
+    config: AffinityConfig | None = None,
+) -> dict:
+    """The head's batch dict (samcp.models.affinity.BATCH_KEYS), padded to the largest P.
+
+    With a ``config`` that enables denoising queries and samples that all carry targets (training),
+    the dict also holds "denoising": noised copies of the GT instances
+    (:func:`samcp.models.affinity.denoising.build_denoising_queries`, global torch RNG), which the
+    head uses in training mode only. Samples without targets (prediction) never get them.
+    """
     b = len(samples)
     p = max(1, max(s.num_patches for s in samples))
     r = samples[0].patch_masks.shape[-1]
@@ -132,7 +144,7 @@ def collate(samples: list[AffinitySample], text_embed: Tensor, device: torch.dev
         if n == 0:  # keep one dummy box inside the image so RoIAlign stays finite
             boxes[i, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
     levels = list(samples[0].clip_feats)
-    return {
+    batch = {
         "clip_feats": {
             lv: torch.stack([s.clip_feats[lv] for s in samples]).to(device).float() for lv in levels
         },
@@ -142,3 +154,8 @@ def collate(samples: list[AffinitySample], text_embed: Tensor, device: torch.dev
         "patch_valid": valid.to(device),
         "text_embed": text_embed.to(device).float(),
     }
+    if config is not None and all(s.targets is not None for s in samples):
+        dn = build_denoising_queries([s.targets for s in samples], int(text_embed.shape[0]), config)
+        if dn is not None:
+            batch["denoising"] = dn.to(device)
+    return batch

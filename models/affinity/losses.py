@@ -14,6 +14,14 @@ query matched to an unusable GT, or a Type-I query of a present class none of wh
 and N_cls = max(M*, 1) by default (DETR/official) or the number of weighted queries (eq. 1's 1/M,
 `cls_normalizer="num_queries"`). Type-I and Type-II queries are normalised separately, as the official
 code does (its semantic and instance losses are separate terms).
+
+Two more terms per layer (training aids, both on by default):
+
+- "bg" (`bg_self_affinity`, table 4's BG): every valid Type-II query that is neither matched nor
+  ignored gets B_m = one-hot at its own patch, L_mfl + L_dice averaged over those queries (no class
+  term beyond the usual negative).
+- "dn" (`num_denoising_queries`, appendix A.3): the denoising queries' L_cls, L_mfl, L_dice with the
+  targets of `denoising.denoising_targets` (no matching), normalised by their own positives.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from .config import AffinityConfig
+from .denoising import denoising_targets
 from .matcher import HungarianMatcher
 from .model import AffinityOutput
 from .targets import ImageTargets
@@ -186,6 +195,29 @@ class AffinityCriterion(nn.Module):
             "num_pos": num_pos,
         }
 
+    def _bg_terms(
+        self, aff: Tensor, outputs: AffinityOutput, eps: Tensor, cls_w: Tensor
+    ) -> dict[str, Tensor]:
+        """The "BG" self-affinity (table 4): a valid Type-II query matched to no GT (not positive,
+        not ignored) has target 1 on its own patch and 0 on every other valid patch, with the
+        affinity focal and Dice losses of eq. (2), averaged over those queries.
+
+        aff: (B, P, P) Type-II affinity logits (query n is patch n); eps, cls_w: (B, P) from
+        `_instance_targets`.
+        """
+        cfg = self.config
+        b, q, p = aff.shape
+        k = outputs.num_semantic
+        bg = outputs.query_valid[:, k:] & ~eps & (cls_w > 0)
+        n = bg.sum().float()
+        eye = torch.eye(q, p, device=aff.device).expand(b, q, p).flatten(0, 1)
+        w = outputs.patch_valid.unsqueeze(1).expand(b, q, p).float().flatten(0, 1)
+        rows = bg.flatten().float()
+        a = aff.flatten(0, 1)
+        mfl = affinity_focal_loss(a, eye, w, rows, cfg.focal_alpha, cfg.focal_gamma)
+        dice = dice_loss(a, eye, w, rows, cfg.dice_eps)
+        return {"mfl": mfl / n.clamp_min(1), "dice": dice / n.clamp_min(1), "num_pos": n}
+
     def forward(
         self, outputs: AffinityOutput, targets: Sequence[ImageTargets]
     ) -> dict[str, Tensor]:
@@ -205,25 +237,29 @@ class AffinityCriterion(nn.Module):
         targets = [tg.to(outputs.patch_valid.device) for tg in targets]
         k = outputs.num_semantic
         sem = self._semantic_targets(outputs, targets)
+        dn_targets = None  # denoising queries: supervised directly, never matched (appendix A.3)
+        if outputs.denoising is not None and outputs.dn_affinity_logits is not None:
+            dn_targets = denoising_targets(outputs.denoising, targets, outputs.patch_valid, k)
         layers = range(outputs.num_layers) if cfg.deep_supervision else [outputs.num_layers - 1]
         out: dict[str, Tensor] = {}
         total = outputs.affinity_logits.new_zeros(())
         for layer in layers:
             aff, cls = outputs.affinity_logits[layer], outputs.class_logits[layer]
+            ins = self._instance_targets(aff[:, k:].detach(), cls[:, k:].detach(), outputs, targets)
             terms = {
                 "sem": self._terms(aff[:, :k], cls[:, :k], *sem),
-                "ins": self._terms(
-                    aff[:, k:],
-                    cls[:, k:],
-                    *self._instance_targets(
-                        aff[:, k:].detach(), cls[:, k:].detach(), outputs, targets
-                    ),
-                ),
+                "ins": self._terms(aff[:, k:], cls[:, k:], *ins),
             }
+            if cfg.bg_self_affinity:
+                terms["bg"] = self._bg_terms(aff[:, k:], outputs, ins[2], ins[4])
+            if dn_targets is not None:
+                terms["dn"] = self._terms(
+                    outputs.dn_affinity_logits[layer], outputs.dn_class_logits[layer], *dn_targets
+                )
             for kind, t in terms.items():
                 total = (
                     total
-                    + cfg.loss_cls_weight * t["cls"]
+                    + cfg.loss_cls_weight * t.get("cls", 0.0)
                     + cfg.loss_mfl_weight * t["mfl"]
                     + cfg.loss_dice_weight * t["dice"]
                 )

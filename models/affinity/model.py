@@ -25,6 +25,7 @@ from torchvision.ops import roi_align
 
 from ..openvocab import geometric_ensemble, kappa_fusion
 from .config import AffinityConfig
+from .denoising import DenoisingQueries, denoising_attn_mask
 
 # ----------------------------------------------------------------------------------------------
 # Small tensor helpers shared by the model, the matcher and inference.
@@ -110,6 +111,53 @@ def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) ->
     return x.flatten(-2)
 
 
+def assign_roi_levels(
+    boxes: Tensor,
+    strides: Sequence[int],
+    canonical_size: float = 224.0,
+    canonical_level: int = 4,
+) -> Tensor:
+    """The FPN level rule: index into ``strides`` of the level each box is pooled from.
+
+    k = floor(k0 + log2(sqrt(w h) / s0 + 1e-6)) selects the level of stride 2^k; the chosen level is
+    the coarsest listed one with stride <= 2^k, or the finest listed level when every one is coarser
+    (so with contiguous levels this is the usual clamp to [k_min, k_max]). With s0 = 224, k0 = 4 it
+    is detectron2's ``assign_boxes_to_levels`` and the authors' mmdet ``map_roi_levels`` (finest_scale
+    56 at stride 4: floor(log2(s / 56)) + 2 = floor(4 + log2(s / 224))), up to the epsilon.
+
+    Args:
+        boxes: (N, 4) xyxy in the pixels of the frame the strides refer to (the padded CLIP input).
+        strides: stride of each level, any order.
+        canonical_size, canonical_level: s0 and k0.
+
+    Returns:
+        (N,) long.
+    """
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(0)
+    scale = (wh[:, 0] * wh[:, 1]).sqrt()
+    target = torch.floor(canonical_level + torch.log2(scale / canonical_size + 1e-6))
+    k = torch.tensor([math.log2(s) for s in strides], dtype=target.dtype, device=target.device)
+    fits = k.unsqueeze(0) <= target.unsqueeze(1) + 1e-6  # (N, L)
+    best = torch.where(fits, k, torch.full_like(k, -math.inf)).argmax(1)
+    return torch.where(fits.any(1), best, k.argmin().expand_as(best))
+
+
+def query_attention_mask(num_semantic: int, num_patch: int, device=None) -> Tensor:
+    """(K + P, K + P) bool self-attention mask of the decoder's queries, True = blocked.
+
+    The authors' ``sem_attn_mask`` (``CdnQueryGenerator_plus.generate_dn_mask`` with the K
+    semantic queries as K one-query "denoising groups"): Type-II (patch) queries do not attend to
+    Type-I (semantic) queries; a Type-I query attends to itself and to every Type-II query but not
+    to the other Type-I queries. The instance queries then never see the vocabulary.
+    """
+    q = num_semantic + num_patch
+    mask = torch.zeros(q, q, dtype=torch.bool, device=device)
+    mask[:, :num_semantic] = True
+    idx = torch.arange(num_semantic, device=device)
+    mask[idx, idx] = False
+    return mask
+
+
 def _safe_block(block: Tensor, key_pad: Tensor) -> Tensor:
     """Unblock rows that would attend to nothing: first to all valid keys, else to all keys.
 
@@ -176,8 +224,10 @@ class PatchEncoderLayer(nn.Module):
 class PatchEncoder(nn.Module):
     """MaskRoI features of the patches -> MLP -> LayerNorm, box position, omega self-attention layers.
 
-    The dense maps are first projected to `embed_dim` by a 1x1 conv + GroupNorm per level; every level
-    is RoI-aligned with its own stride and the levels are summed (one level today, more later).
+    Each dense level has its own trainable lateral projection to `embed_dim` (a 1x1 conv + GroupNorm
+    on the map, or Linear + LayerNorm on the RoI cells with ``project_after_roi``); the frozen maps
+    themselves get no gradient. With ``multi_level`` each RoI is pooled from the level its box size
+    selects (FPN rule); otherwise every level is RoI-aligned with its own stride and summed.
     """
 
     def __init__(self, config: AffinityConfig) -> None:
@@ -215,22 +265,42 @@ class PatchEncoder(nn.Module):
     ) -> Tensor:
         """(N, d) features of RoIs; `rois` (N, 5) = (batch index, x1, y1, x2, y2) in input pixels.
 
-        With `masks` (N, R, R) this is MaskRoI: the RoI feature times the patch's mask crop.
+        With `masks` (N, R, R) this is MaskRoI: the RoI feature times the patch's mask crop. With
+        ``multi_level`` and several levels each RoI is pooled from the one level its box size selects
+        (:func:`assign_roi_levels`); otherwise every level is pooled and the levels are summed.
         """
-        r = self.config.roi_size
-        feats = 0
-        for level, (f, stride) in enumerate(zip(proj_feats, self.config.clip_strides)):
+        cfg = self.config
+        r = cfg.roi_size
+        levels = None
+        if cfg.multi_level and len(proj_feats) > 1:
+            levels = assign_roi_levels(
+                rois[:, 1:], cfg.clip_strides, cfg.roi_canonical_size, cfg.roi_canonical_level
+            )
+        feats: Tensor | int = 0
+        for level, (f, stride) in enumerate(zip(proj_feats, cfg.clip_strides)):
+            sel = None
+            if levels is not None:
+                sel = (levels == level).nonzero(as_tuple=True)[0]
+                if not len(sel):
+                    continue
             roi = roi_align(
                 f,
-                rois,
+                rois if sel is None else rois[sel],
                 output_size=r,
                 spatial_scale=1.0 / stride,
-                sampling_ratio=self.config.roi_sampling_ratio,
+                sampling_ratio=cfg.roi_sampling_ratio,
                 aligned=True,
             )
-            if self.config.project_after_roi:  # (N, C, R, R) -> (N, d, R, R)
+            if cfg.project_after_roi:  # (N, C, R, R) -> (N, d, R, R)
                 roi = self.input_proj[level](roi.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            feats = feats + roi
+            if sel is None:
+                feats = feats + roi
+            else:  # scatter this level's RoIs into their rows
+                if not isinstance(feats, Tensor):
+                    feats = roi.new_zeros((rois.shape[0], *roi.shape[1:]))
+                feats = feats.index_copy(0, sel, roi)
+        if not isinstance(feats, Tensor):  # no RoI at all
+            feats = rois.new_zeros((0, cfg.embed_dim, r, r))
         if masks is not None:
             feats = feats * masks.unsqueeze(1).to(feats.dtype)
         return self.roi_norm(self.roi_mlp(feats.flatten(1)))
@@ -349,12 +419,20 @@ class AffinityDecoderLayer(nn.Module):
         patch_pos: Tensor,
         patch_pad: Tensor,
         block: Tensor | None,
+        self_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Returns the updated queries (B, M, d) and this layer's affinity logits (B, M, N)."""
+        """Returns the updated queries (B, M, d) and this layer's affinity logits (B, M, N).
+
+        `self_mask` (M, M) or (B, M, M), True = blocked, is added to the padding mask of the
+        self-attention (:func:`query_attention_mask`).
+        """
         m = queries.shape[1]
         heads = self.self_attn.num_heads
         qk = queries + query_pos
-        self_block = _safe_block(query_pad.unsqueeze(1).expand(-1, m, -1), query_pad)
+        self_block = query_pad.unsqueeze(1).expand(-1, m, -1)
+        if self_mask is not None:
+            self_block = self_block | self_mask
+        self_block = _safe_block(self_block, query_pad)
         x = self.self_attn(
             qk, qk, queries, attn_mask=self_block.repeat_interleave(heads, 0), need_weights=False
         )[0]
@@ -414,6 +492,10 @@ class AffinityOutput:
         patch_valid: (B, P) bool.
         patch_boxes: (B, P, 4) patch boxes, xyxy normalised by the original (W, H).
         num_semantic: K, the number of Type-I queries (= classes).
+        dn_affinity_logits: (L, B, Nd, P) of the denoising queries (training only, else None);
+            kept apart from the Q normal rows so matching and inference never see them.
+        dn_class_logits: (L, B, Nd, K) or None.
+        denoising: the DenoisingQueries they were built from (their targets), or None.
     """
 
     affinity_logits: Tensor
@@ -422,6 +504,9 @@ class AffinityOutput:
     patch_valid: Tensor
     patch_boxes: Tensor
     num_semantic: int
+    dn_affinity_logits: Tensor | None = None
+    dn_class_logits: Tensor | None = None
+    denoising: DenoisingQueries | None = None
 
     @property
     def num_layers(self) -> int:
@@ -457,10 +542,16 @@ class AffinityHead(nn.Module):
         )
         self.out_norm = nn.LayerNorm(d)
         self.classifier = TextClassifier(d, config.text_dim, config.prior_prob)
+        # Content of a denoising query: its (noised) class's text embedding through an MLP (the
+        # official generator's use_text_as_label branch; samcp's vocabulary comes at run time).
+        self.dn_label_mlp = (
+            MLP(config.text_dim, d, d, 2) if config.num_denoising_queries > 0 else None
+        )
 
     def forward_batch(self, batch: Mapping[str, object]) -> AffinityOutput:
-        """`forward` on a batch dict; keys beyond BATCH_KEYS (e.g. patch_clip_embed) are ignored."""
-        return self(**{k: batch[k] for k in BATCH_KEYS})
+        """`forward` on a batch dict; keys beyond BATCH_KEYS (e.g. patch_clip_embed) are ignored,
+        except the optional training-only "denoising"."""
+        return self(**{k: batch[k] for k in BATCH_KEYS}, denoising=batch.get("denoising"))
 
     def forward(
         self,
@@ -470,6 +561,7 @@ class AffinityHead(nn.Module):
         patch_masks: Tensor,
         patch_valid: Tensor,
         text_embed: Tensor,
+        denoising: DenoisingQueries | None = None,
     ) -> AffinityOutput:
         """Run the head.
 
@@ -481,6 +573,10 @@ class AffinityHead(nn.Module):
             patch_masks: (B, P, R, R) RoI-aligned patch mask crops (`targets.patch_mask_crops`).
             patch_valid: (B, P) bool, False for padding.
             text_embed: (K, D) class text embeddings (K >= 1), normalised here.
+            denoising: training-only DINO denoising queries (`denoising.build_denoising_queries`);
+                used only in training mode. They run after the K + P normal queries under an
+                attention mask the normal queries cannot see through, and come back apart
+                (`dn_affinity_logits`, `dn_class_logits`); the normal outputs are unchanged.
 
         Returns:
             AffinityOutput.
@@ -530,13 +626,46 @@ class AffinityHead(nn.Module):
         query_pos = self.query_pos_head(box_sine_embedding(ref, cfg.embed_dim))
         query_valid = torch.cat([patch_valid.new_ones((b, k)), patch_valid], dim=1)
         patch_pad = ~patch_valid
+        self_mask = None
+        if cfg.query_attn_mask:  # instance queries never see the vocabulary (official code)
+            self_mask = query_attention_mask(k, patch_valid.shape[1], patch_valid.device)
+        m = queries.shape[1]  # K + P normal queries; denoising queries (training) come after
+        dn = denoising if self.training and self.dn_label_mlp is not None else None
+        if dn is not None and dn.num_queries > 0:
+            dn = dn.to(queries.device)
+            dn_q = self.dn_label_mlp(text[dn.labels.clamp(0, k - 1)])
+            dn_q = dn_q * dn.valid.unsqueeze(-1).to(dtype)
+            dn_in = dn.boxes.to(dtype) * (wh * scale[:, None])[:, None, :]  # input pixels
+            queries = torch.cat([queries, dn_q], dim=1)
+            ref = torch.cat([ref, xyxy_to_cxcywh(dn_in / cfg.clip_input_size)], dim=1)
+            query_pos = self.query_pos_head(box_sine_embedding(ref, cfg.embed_dim))
+            query_valid = torch.cat([query_valid, dn.valid], dim=1)
+            if cfg.dn_attn_mask:
+                full = denoising_attn_mask(m, dn, queries.device)
+                if self_mask is not None:
+                    full[:m, :m] |= self_mask
+                self_mask = full
+            elif self_mask is not None:
+                self_mask = F.pad(self_mask, (0, dn.num_queries, 0, dn.num_queries))
+        else:
+            dn = None
+            if self.training and self.dn_label_mlp is not None and torch.is_grad_enabled():
+                # No denoising this step: keep the MLP in the graph (DDP wants every parameter).
+                queries = queries + 0.0 * sum(p.sum() for p in self.dn_label_mlp.parameters())
 
         all_logits, all_classes = [], []
         accumulated: Tensor | None = None
         block: Tensor | None = None
         for layer in self.layers:
             queries, logits = layer(
-                queries, query_pos, ~query_valid, patch_feats, patch_pos, patch_pad, block
+                queries,
+                query_pos,
+                ~query_valid,
+                patch_feats,
+                patch_pos,
+                patch_pad,
+                block,
+                self_mask,
             )
             if cfg.use_affinity_refinement and accumulated is not None:
                 # Algorithm 1, l.9-11 (AR): add the refined logits of the previous stages.
@@ -559,13 +688,17 @@ class AffinityHead(nn.Module):
             all_logits.append(logits)
             all_classes.append(self.classifier(hidden, text))
 
+        aff_all, cls_all = torch.stack(all_logits), torch.stack(all_classes)
         return AffinityOutput(
-            affinity_logits=torch.stack(all_logits),
-            class_logits=torch.stack(all_classes),
-            query_valid=query_valid,
+            affinity_logits=aff_all[:, :, :m],
+            class_logits=cls_all[:, :, :m],
+            query_valid=query_valid[:, :m],
             patch_valid=patch_valid,
             patch_boxes=boxes_norm,
             num_semantic=k,
+            dn_affinity_logits=None if dn is None else aff_all[:, :, m:],
+            dn_class_logits=None if dn is None else cls_all[:, :, m:],
+            denoising=dn,
         )
 
 

@@ -91,6 +91,7 @@ class PossamPlugin(Head):
         "PosSAM local discriminative pooling + IoU head on cached SAM proposals or its own "
         "FPN/Mask2Former masks, MASE ensemble with frozen CLIP"
     )
+    train_defaults = {"weight_decay": 0.05}  # PosSAM's AdamW weight decay
     inference_fields = (
         "classifier",
         "alpha",
@@ -157,8 +158,10 @@ class PossamPlugin(Head):
     ) -> PossamSample:
         return make_sample(inputs, config, max_masks, gt)
 
-    def augment(self, sample: PossamSample, config: PossamConfig, flip: bool) -> PossamSample:
-        return flip_sample(sample) if flip else sample
+    def augment(
+        self, sample: PossamSample, config: PossamConfig, flip: bool, rng=None
+    ) -> PossamSample:
+        return flip_sample(sample) if flip else sample  # flips only (no rescale/crop yet)
 
     def collate(self, samples, text_embed: Tensor, config: PossamConfig, device) -> dict:
         return collate(list(samples), text_embed, device)

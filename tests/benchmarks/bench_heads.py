@@ -124,6 +124,7 @@ def main() -> None:
                     model=args.clip_model,
                     checkpoint=str(tmp / "clip.pt"),
                     input_size=args.clip_size,
+                    levels=("res3", "res4", "res5"),  # SAM-CP's default multi-level pooling
                 ),
             )
         )
