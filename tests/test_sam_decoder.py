@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import samcp.models.sam_decoder as sd
-from samcp.pipeline.foundation import build_sam_arch
 from samcp.models.sam_decoder import (
     _fast_supported,
     decode_points,
     decode_points_reference,
 )
+from samcp.pipeline.foundation import build_sam_arch
 
 
 def _spread_logits(sam: torch.nn.Module, scale: float = 30.0) -> torch.nn.Module:

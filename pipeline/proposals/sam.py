@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from samcp.pipeline.proposals.base import Proposals, encode_masks_wh
 from samcp.models.sam_decoder import decode_points
+from samcp.pipeline.proposals.base import Proposals, encode_masks_wh
 from samcp.pipeline.proposals.sam_encoder import set_image_fast
 from samcp.pipeline.proposals.sam_params import SamEverythingParams
 
