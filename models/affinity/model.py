@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from ..layers import MLP
 from ..openvocab import geometric_ensemble, kappa_fusion
 from .config import AffinityConfig
 from .denoising import DenoisingQueries, denoising_attn_mask
@@ -167,22 +168,6 @@ def _safe_block(block: Tensor, key_pad: Tensor) -> Tensor:
     full = block.all(-1, keepdim=True)
     block = torch.where(full, key_pad.unsqueeze(-2).expand_as(block), block)
     return block & ~block.all(-1, keepdim=True)
-
-
-class MLP(nn.Module):
-    """Linear layers with ReLU in between (no activation after the last)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 class _FFN(nn.Module):
