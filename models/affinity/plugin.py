@@ -56,6 +56,7 @@ class AffinityPlugin(Head):
         "num_denoising_queries": 0,
         "bg_self_affinity": False,
         "composition": "regions",
+        "scale_crop_aug": False,  # training only: they were trained without it
     }
     inference_fields = (
         "kappa",
