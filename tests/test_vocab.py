@@ -32,7 +32,16 @@ TEST_CLIP = "samcp-test-convnext"
 
 @pytest.mark.parametrize(
     ("name", "count", "first_id", "last_id"),
-    [("coco_panoptic", 133, 1, 200), ("ade20k_150", 150, 0, 149), ("cityscapes", 19, 0, 18)],
+    [
+        ("coco_panoptic", 133, 1, 200),
+        ("ade20k_150", 150, 0, 149),
+        ("cityscapes", 19, 0, 18),
+        ("ade20k_847", 847, 0, 846),
+        ("pascal_context_59", 59, 0, 58),
+        ("pascal_context_459", 459, 0, 458),
+        ("pascal_voc_20", 20, 0, 19),
+        ("coco_stuff_171", 171, 0, 170),
+    ],
 )
 def test_builtin_vocabularies_parse_with_dataset_ids(name, count, first_id, last_id):
     vocab = read_vocabulary(name)
@@ -46,7 +55,16 @@ def test_builtin_vocabularies_parse_with_dataset_ids(name, count, first_id, last
 
 
 def test_builtin_list_and_known_names():
-    assert builtin_vocabularies() == ["ade20k_150", "cityscapes", "coco_panoptic"]
+    assert builtin_vocabularies() == [
+        "ade20k_150",
+        "ade20k_847",
+        "cityscapes",
+        "coco_panoptic",
+        "coco_stuff_171",
+        "pascal_context_459",
+        "pascal_context_59",
+        "pascal_voc_20",
+    ]
     coco = read_vocabulary("coco_panoptic")
     by_id = dict(zip(coco.ids, coco.names))
     assert by_id[72][0] == "tv" and "television" in by_id[72]
