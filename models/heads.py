@@ -40,6 +40,8 @@ class CacheInfo:
         image_arrays: every per-image array a row carries (``clip_res5``, ``sam_embed`` ...).
         mask_arrays: every per-proposal array (``clip_mask_embed``, ``predicted_iou`` ...).
         sam_embed_shape: (C, h, w) of the cached SAM embedding, None when not stored.
+        clip_head: the CLIP's frozen head (:class:`samcp.models.cliphead.ClipHeadWeights`), None
+            when the cache stores none.
     """
 
     clip_model: str | None
@@ -51,6 +53,7 @@ class CacheInfo:
     image_arrays: frozenset[str] = frozenset()
     mask_arrays: frozenset[str] = frozenset()
     sam_embed_shape: tuple[int, int, int] | None = None
+    clip_head: Any = None
 
 
 @dataclass
@@ -158,6 +161,9 @@ class InferContext:
             the head config's.
         params: composition thresholds.
         device: where the head runs.
+        clip_head: the prediction cache's frozen CLIP head
+            (:class:`samcp.models.cliphead.ClipHead`, on ``device``) to embed masks the cache
+            does not hold by pooling its final dense map; None when the cache stores none.
     """
 
     text_embed: Tensor
@@ -167,6 +173,7 @@ class InferContext:
     device: torch.device
     alpha: float | None = None
     beta: float | None = None
+    clip_head: nn.Module | None = None
 
 
 @dataclass

@@ -159,7 +159,7 @@ def init_cache(path: str | Path, attrs: dict, overwrite: bool = False) -> set[st
 
 
 # What a local cache folder holds besides lock files: replaced together by --overwrite.
-_CACHE_ENTRIES = ("shards", "zarr.json", "runs.jsonl")
+_CACHE_ENTRIES = ("shards", "clip_head", "zarr.json", "runs.jsonl")
 
 
 def dataset_source_attrs(source: str | Path, split: str) -> dict:
@@ -333,6 +333,60 @@ def _open_root(path: str | Path, mode: str = "r"):
     return root
 
 
+def write_clip_head(path: str | Path, weights) -> bool:
+    """Stores the cache CLIP's frozen head (``clip_head/``: one float32 array per tensor, attrs
+    ``kind``, ``norm_eps``, ``input_size``, ``level``; ``complete`` written last) unless a complete
+    one is there. Idempotent, so a resumed precompute adds it to a cache made before it existed.
+
+    Args:
+        path: the cache root.
+        weights: :class:`samcp.models.cliphead.ClipHeadWeights`.
+
+    Returns:
+        True when it was written now.
+    """
+    root = _open_root(path, mode="r+")
+    if "clip_head" in root:
+        g = root["clip_head"]
+        if g.attrs.get("complete"):
+            return False
+        del root["clip_head"]
+    g = root.create_group("clip_head")
+    for name, arr in weights.tensors.items():
+        a = np.asarray(arr, np.float32)
+        g.create_array(name, shape=a.shape, dtype="float32")[...] = a
+    g.attrs.update(
+        {
+            "kind": weights.kind,
+            "norm_eps": float(weights.norm_eps),
+            "input_size": int(weights.input_size),
+            "level": weights.level,
+        }
+    )
+    g.attrs["complete"] = True
+    return True
+
+
+def read_clip_head(root):
+    """The cache's :class:`~samcp.models.cliphead.ClipHeadWeights`, or None (no complete
+    ``clip_head`` group: a cache without CLIP, or made before samcp stored it)."""
+    from samcp.models.cliphead import ClipHeadWeights
+
+    if "clip_head" not in root:
+        return None
+    g = root["clip_head"]
+    if not g.attrs.get("complete"):
+        return None
+    tensors = {name: np.asarray(a[...]) for name, a in g.arrays()}
+    return ClipHeadWeights(
+        str(g.attrs["kind"]),
+        float(g.attrs["norm_eps"]),
+        tensors,
+        int(g.attrs["input_size"]),
+        str(g.attrs.get("level", "clip_res5")),
+    )
+
+
 def complete_shards(root) -> list[str]:
     """Sorted ids of the shards whose ``complete`` attribute is true."""
     if "shards" not in root:
@@ -457,6 +511,11 @@ class CacheReader:
                 "`samcp precompute` to redo it"
             ) from None
         self._index: dict[str, tuple[str, int]] | None = None
+
+    def clip_head(self):
+        """The frozen CLIP head stored with the cache (None when it has none); see
+        :func:`read_clip_head`."""
+        return read_clip_head(self.root)
 
     @property
     def incomplete_shard_ids(self) -> list[str]:

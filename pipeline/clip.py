@@ -33,6 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from samcp.models.cliphead import (  # noqa: F401  (mask_pool: re-exported)
+    ClipHeadWeights,
+    mask_pool,
+    mask_pool_weights,
+    resized_size,
+)
 from samcp.pipeline.errors import SamcpError
 from samcp.pipeline.foundation import file_sha256
 from samcp.pipeline.proposals.base import Proposals
@@ -45,8 +51,6 @@ LEVEL_STRIDES: dict[str, int] = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 # Names the pooling rule, so that a cache written with another rule has another fingerprint.
 MASK_POOLING = "bilinear-v1"
 
-# FC-CLIP's denominator epsilon in MaskPooling.
-_POOL_EPS = 1e-8
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 # Test-size CLIP: convnext_large_d_320's layout (timm ConvNeXt trunk, no extra pooling, MLP projection)
@@ -340,22 +344,6 @@ class ClipConfig:
         }
 
 
-def mask_pool(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """FC-CLIP's MaskPooling: ``sum(f * m) / (sum(m) + eps)`` over a feature map.
-
-    Pure and differentiable: :meth:`ClipFeatureExtractor.mask_embeddings` and the training of
-    samcp's synthetic CLIP (:mod:`samcp.pipeline.synthclip`) share it.
-
-    Args:
-        flat: (C, fh*fw) feature map, flattened.
-        weights: (m, fh*fw) pooling weights, from :meth:`ClipFeatureExtractor.mask_weights`.
-
-    Returns:
-        (m, C) pooled features.
-    """
-    return (weights @ flat.T) / (weights.sum(1, keepdim=True) + _POOL_EPS)
-
-
 def _convnext_trunk(model: torch.nn.Module, model_name: str):
     """The timm ConvNeXt trunk of an open_clip model, or a SamcpError naming what is supported."""
     from open_clip.timm_model import TimmModel
@@ -423,8 +411,7 @@ class ClipFeatureExtractor:
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the image inside the padded input: longer side = input_size."""
-        s = self.config.input_size / max(height, width)
-        return max(1, round(height * s)), max(1, round(width * s))
+        return resized_size(height, width, self.config.input_size)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(1, 3, S, S) normalised, resized and zero-padded input on the device."""
@@ -443,25 +430,9 @@ class ClipFeatureExtractor:
         return F.pad(x, (0, s - w, 0, s - h))
 
     def mask_weights(self, masks: torch.Tensor, feat_hw: tuple[int, int]) -> torch.Tensor:
-        """Pooling weights (m, fh*fw) of masks (m, H, W) given at the original image size.
-
-        The masks go through the image's own geometry (bilinear, antialiased resize; zero pad), then
-        are resized bilinearly (align_corners=False) to the feature map, as FC-CLIP resizes its mask
-        logits. A mask too small to reach any feature cell's sampling point falls back to the fraction
-        of each cell it covers (area pooling), so it still pools the cells it lies in.
-        """
-        s = self.config.input_size
-        h, w = self.resized_size(*masks.shape[-2:])
-        m = masks[:, None].float()
-        if (h, w) != tuple(masks.shape[-2:]):
-            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        m = F.pad(m, (0, s - w, 0, s - h))
-        wts = F.interpolate(m, size=feat_hw, mode="bilinear", align_corners=False).flatten(1)
-        empty = wts.sum(1) <= 0
-        if bool(empty.any()):
-            area = F.adaptive_avg_pool2d(m[empty], feat_hw).flatten(1)
-            wts[empty] = area
-        return wts
+        """Pooling weights (m, fh*fw) of masks (m, H, W) given at the original image size
+        (:func:`samcp.models.cliphead.mask_pool_weights` at this CLIP's input size)."""
+        return mask_pool_weights(masks, self.config.input_size, feat_hw)
 
     def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """(M, C) mask-pooled trunk features -> (M, D) L2-normalised CLIP embeddings.
@@ -535,3 +506,51 @@ class ClipFeatureExtractor:
 def _to_fp16(t: torch.Tensor) -> np.ndarray:
     # Clamp so that an outlier activation becomes the largest float16, not inf.
     return t.float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).cpu().numpy()
+
+
+def export_clip_head(model: torch.nn.Module, input_size: int) -> ClipHeadWeights | None:
+    """The frozen head that turns mask-pooled final-map features into CLIP embeddings (timm's
+    ConvNeXt ``head.norm`` and open_clip's ``visual.head`` projection), as plain arrays for the
+    cache's ``clip_head`` group; None when the tower's head has another layout (the cache then
+    has no ``clip_head`` and heads fall back to the cached per-proposal embeddings).
+
+    Args:
+        model: a loaded open_clip model with a timm ConvNeXt tower.
+        input_size: the cache's CLIP input size (the pooling geometry).
+    """
+    from timm.layers import LayerNorm2d
+
+    visual = getattr(model, "visual", None)
+    trunk_head = getattr(getattr(visual, "trunk", None), "head", None)
+    norm = getattr(trunk_head, "norm", None)
+    plain = all(
+        isinstance(getattr(trunk_head, name, torch.nn.Identity()), torch.nn.Identity)
+        for name in ("pre_logits", "fc")
+    )
+    if not isinstance(norm, (LayerNorm2d, torch.nn.LayerNorm)) or not plain:
+        return None
+    children = dict(visual.head.named_children())
+
+    def arr(t: torch.Tensor) -> np.ndarray:
+        return t.detach().float().cpu().numpy().copy()
+
+    tensors = {"norm_weight": arr(norm.weight), "norm_bias": arr(norm.bias)}
+    if isinstance(children.get("proj"), torch.nn.Linear):
+        kind = "linear"
+        tensors["proj_weight"] = arr(children["proj"].weight)
+        if children["proj"].bias is not None:
+            tensors["proj_bias"] = arr(children["proj"].bias)
+    elif "mlp" in children:
+        mlp = children["mlp"]
+        if not isinstance(getattr(mlp, "act", None), torch.nn.GELU) or not isinstance(
+            getattr(mlp, "norm", torch.nn.Identity()), torch.nn.Identity
+        ):
+            return None
+        kind = "mlp"
+        tensors.update(fc1_weight=arr(mlp.fc1.weight), fc1_bias=arr(mlp.fc1.bias))
+        tensors["fc2_weight"] = arr(mlp.fc2.weight)
+        if mlp.fc2.bias is not None:
+            tensors["fc2_bias"] = arr(mlp.fc2.bias)
+    else:
+        return None
+    return ClipHeadWeights(kind, float(norm.eps), tensors, int(input_size), "clip_res5")

@@ -115,4 +115,5 @@ def cache_info(reader: CacheReader) -> CacheInfo:
         image_arrays=frozenset(image_arrays),
         mask_arrays=frozenset(mask_arrays),
         sam_embed_shape=sam_shape,
+        clip_head=reader.clip_head(),
     )

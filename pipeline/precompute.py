@@ -277,6 +277,8 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
 def open_cache(cfg: PrecomputeConfig, attrs: dict) -> set[str]:
     """Creates (or checks) the cache root; returns the shards to skip. Call it holding the lock."""
     done = cache_io.init_cache(cfg.out, attrs, overwrite=cfg.overwrite)
+    if cfg.clip is not None:
+        _store_clip_head(cfg)
     if cfg.redo_failed and done:
         done -= set(cache_io.shards_with_failed_rows(cfg.out, done))
     return done
@@ -291,11 +293,28 @@ def _clip_attrs(clip_cfg) -> dict | None:
     here, before any worker starts."""
     if clip_cfg is None:
         return None
-    from samcp.pipeline.clip import load_clip
+    from samcp.pipeline.clip import export_clip_head, load_clip
     from samcp.pipeline.foundation import file_sha256
 
-    load_clip(clip_cfg.model, clip_cfg.checkpoint, "cpu")
+    model, _ = load_clip(clip_cfg.model, clip_cfg.checkpoint, "cpu")
+    # Kept for open_cache (the head is small; the model is not kept).
+    _CLIP_HEADS[str(clip_cfg.checkpoint)] = export_clip_head(model, clip_cfg.input_size)
     return clip_cfg.cache_attrs(file_sha256(clip_cfg.checkpoint))
+
+
+# checkpoint path -> its exported head (or None), from _clip_attrs to open_cache.
+_CLIP_HEADS: dict[str, object] = {}
+
+
+def _store_clip_head(cfg: PrecomputeConfig) -> None:
+    """Writes the CLIP head into the cache (samcp.pipeline.cache.write_clip_head) when the tower
+    has one samcp can rebuild and the cache has none yet."""
+    key = str(cfg.clip.checkpoint)
+    if key not in _CLIP_HEADS:
+        _clip_attrs(cfg.clip)
+    weights = _CLIP_HEADS.pop(key, None)
+    if weights is not None:
+        cache_io.write_clip_head(cfg.out, weights)
 
 
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:

@@ -228,6 +228,7 @@ class Predictor:
         alpha: float | None = None,
         beta: float | None = None,
         params: CompositionParams | None = None,
+        clip_head: torch.nn.Module | None = None,
     ) -> None:
         from samcp.models.registry import get_head, head_name
 
@@ -242,6 +243,7 @@ class Predictor:
         self.seen = np.ones(len(labels), bool) if seen is None else np.asarray(seen, bool)
         self.alpha, self.beta = alpha, beta
         self.params = params or self.head.default_params(head_cfg)
+        self.clip_head = None if clip_head is None else clip_head.to(device)
         image_arrays, mask_arrays = self.head.needs(head_cfg)
         self.arrays = [*image_arrays, *mask_arrays]
 
@@ -341,6 +343,13 @@ class Predictor:
         except ValueError as exc:
             raise SamcpError(str(exc)) from None
         max_patches = int(train_cfg.get("max_patches", 300))
+        clip_weights = reader.clip_head() if reader is not None else None
+        if clip_weights is not None:
+            from samcp.models.cliphead import ClipHead
+
+            clip_head = ClipHead(clip_weights)
+        else:
+            clip_head = None
         return cls(
             model,
             head_cfg,
@@ -353,6 +362,7 @@ class Predictor:
             alpha=alpha,
             beta=beta,
             params=comp,
+            clip_head=clip_head,
         )
 
     def sample(self, row: CachedImage) -> Any:
@@ -371,6 +381,7 @@ class Predictor:
             device=self.device,
             alpha=self.alpha,
             beta=self.beta,
+            clip_head=self.clip_head,
         )
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ from typing import Any
 
 _SCORE_MODES = ("cls", "cls_x_affinity")
 _COMPOSITIONS = ("joint", "regions")
+_MERGED_CLIP = ("dense", "patch_mean")
 _LOW_QUALITY_IOU_KINDS = ("box", "mask", "min")
 _CLS_NORMALIZERS = ("num_pos", "num_queries")
 
@@ -111,6 +112,11 @@ class AffinityConfig:
     # --- inference (section 3.3) ---
     kappa: float = 0.4  # S_ov = sigmoid(S_cls)^(1-kappa) * softmax(S_CLIP)^kappa
     clip_logit_scale: float = 100.0  # S_CLIP = scale * cos(query CLIP embedding, text embedding)
+    # S_CLIP's embedding of a merged segment: "dense" pools the cached final CLIP map over the
+    # merged mask and applies the cache's frozen CLIP head (the paper's S_CLIP, FC-CLIP);
+    # "patch_mean" is the area-weighted mean of the member patches' cached embeddings (samcp
+    # before; also the fallback for caches without clip_head/)
+    merged_clip: str = "dense"
     min_affinity: float = 0.3  # a merged patch also needs sigmoid(affinity) > this
     score_mode: str = "cls"  # instance score: class prob (official) or x mean member affinity
     max_instances: int = 100  # top-k (query, class) pairs kept per image
@@ -160,6 +166,10 @@ class AffinityConfig:
             )
         if self.score_mode not in _SCORE_MODES:
             raise ValueError(f"score_mode must be one of {_SCORE_MODES}, got {self.score_mode!r}")
+        if self.merged_clip not in _MERGED_CLIP:
+            raise ValueError(
+                f"merged_clip must be one of {_MERGED_CLIP}, got {self.merged_clip!r}"
+            )
         if self.composition not in _COMPOSITIONS:
             raise ValueError(
                 f"composition must be one of {_COMPOSITIONS}, got {self.composition!r}"

@@ -15,7 +15,7 @@ All tensors in, all tensors out; the data loader supplies the batch described in
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -728,6 +728,43 @@ def query_clip_logits(
     return logit_scale * pooled @ F.normalize(text_embed.to(pooled.dtype), dim=-1).t()
 
 
+def dense_query_clip_embed(
+    members: Tensor, patch_masks: Tensor, dense: Tensor, clip_head: nn.Module, chunk: int = 32
+) -> Tensor:
+    """The CLIP embedding of each query's merged segment, pooled from the dense map (S_CLIP of
+    section 3.3 and FC-CLIP's out-of-vocabulary branch): the union of the member patches' masks at
+    the image size, mask-pooled from the cached final CLIP map and passed through the frozen CLIP
+    head, exactly as precompute embeds a proposal (``ClipHead.embed_masks``).
+
+    Queries with the same member set share one pooling.
+
+    Args:
+        members: (Q, P) bool.
+        patch_masks: (P, H, W) bool masks of the patches at the image size.
+        dense: (C, fh, fw) the cached final map (``clip_res5``).
+        clip_head: :class:`samcp.models.cliphead.ClipHead`.
+        chunk: unions pooled per batched op (memory: chunk x input_size^2 floats).
+
+    Returns:
+        (Q, D) L2-normalised embeddings; rows without members are 0.
+    """
+    q, p = members.shape
+    has = members.bool().any(-1)
+    if p == 0 or not bool(has.any()):
+        d = clip_head(dense.new_zeros((1, dense.shape[0]), dtype=torch.float32)).shape[-1]
+        return dense.new_zeros((q, d), dtype=torch.float32)
+    rows, inverse = torch.unique(members[has].to(torch.uint8), dim=0, return_inverse=True)
+    flat = patch_masks.flatten(1).to(torch.float32)
+    emb = []
+    for i in range(0, rows.shape[0], chunk):
+        union = (rows[i : i + chunk].to(torch.float32) @ flat) > 0
+        emb.append(clip_head.embed_masks(dense, union.view(-1, *patch_masks.shape[1:])))
+    pooled = torch.cat(emb)
+    out = pooled.new_zeros((q, pooled.shape[-1]))
+    out[has] = pooled[inverse]
+    return out
+
+
 def open_vocab_scores(class_logits: Tensor, clip_logits: Tensor | None, kappa: float) -> Tensor:
     """S_ov = sigmoid(S_cls)^(1-kappa) * softmax(S_CLIP)^kappa (section 3.3; the geometric mean that
     table 9 ablates; the '+' printed in section 3.3 contradicts "geometric average"). Without CLIP
@@ -774,6 +811,7 @@ def predict_image(
     seen: Tensor | None = None,
     alpha: float | None = None,
     beta: float | None = None,
+    query_clip_embed: Callable[[Tensor], Tensor] | None = None,
 ) -> ImagePrediction:
     """Section 3.3 for one image (use the last layer's outputs).
 
@@ -793,6 +831,9 @@ def predict_image(
         seen, alpha, beta: the shared geometric ensemble (samcp.models.openvocab) with CLIP weight
             alpha on the ``seen`` (training-vocabulary) classes and beta on the others; None
             takes ``config.kappa`` for both (SAM-CP's fusion, alpha = beta = kappa).
+        query_clip_embed: members (Q, P) -> (Q, D) CLIP embeddings of the merged segments
+            (:func:`dense_query_clip_embed`); with ``text_embed`` it replaces the patch-mean
+            embedding of :func:`query_clip_logits`.
 
     Returns:
         ImagePrediction.
@@ -802,7 +843,11 @@ def predict_image(
         affinity_logits, patch_valid, config.binarize_threshold, config.min_affinity
     )
     clip_logits = None
-    if patch_clip_embed is not None and text_embed is not None:
+    if query_clip_embed is not None and text_embed is not None:
+        emb = query_clip_embed(members)
+        text = F.normalize(text_embed.to(emb.dtype), dim=-1)
+        clip_logits = config.clip_logit_scale * emb @ text.t()  # rows without members: 0
+    elif patch_clip_embed is not None and text_embed is not None:
         clip_logits = query_clip_logits(
             members, patch_clip_embed, text_embed, patch_areas, config.clip_logit_scale
         )

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from torch import Tensor, nn
 
 from ..compose import compose_masks, compose_regions, union_rle
@@ -23,7 +24,13 @@ from ..registry import register_head
 from .config import AffinityConfig
 from .data import AffinitySample, collate, flip_sample, make_sample
 from .losses import AffinityCriterion
-from .model import AffinityOutput, ImagePrediction, build_affinity_head, predict_image
+from .model import (
+    AffinityOutput,
+    ImagePrediction,
+    build_affinity_head,
+    dense_query_clip_embed,
+    predict_image,
+)
 
 
 class _Criterion(nn.Module):
@@ -57,6 +64,7 @@ class AffinityPlugin(Head):
         "bg_self_affinity": False,
         "composition": "regions",
         "scale_crop_aug": False,  # training only: they were trained without it
+        "merged_clip": "patch_mean",  # inference only: keeps their predictions as they were
     }
     inference_fields = (
         "kappa",
@@ -66,6 +74,7 @@ class AffinityPlugin(Head):
         "max_instances",
         "clip_logit_scale",
         "composition",
+        "merged_clip",
     )
 
     def configure(self, config: Mapping[str, Any], cache: CacheInfo) -> dict[str, Any]:
@@ -178,6 +187,7 @@ class AffinityPlugin(Head):
                 results.append(ImageResult.empty(s.image_id, s.height, s.width))
                 continue
             emb = s.patch_clip_embed
+            clip_fn = _dense_clip_fn(s, config, ctx)
             pred = predict_image(
                 outputs.affinity_logits[-1, i, : k + n, :n],
                 outputs.class_logits[-1, i, : k + n],
@@ -185,12 +195,13 @@ class AffinityPlugin(Head):
                 k,
                 config,
                 patch_clip_embed=None if emb is None else emb.to(ctx.device).float(),
-                text_embed=None if emb is None else ctx.text_embed,
+                text_embed=None if emb is None and clip_fn is None else ctx.text_embed,
                 patch_areas=s.patch_areas.to(ctx.device),
                 instance_classes=thing,
                 seen=seen,
                 alpha=ctx.alpha,
                 beta=ctx.beta,
+                query_clip_embed=clip_fn,
             )
             results.append(
                 compose_prediction(
@@ -205,6 +216,28 @@ class AffinityPlugin(Head):
                 )
             )
         return results
+
+
+def _dense_clip_fn(s: AffinitySample, config: AffinityConfig, ctx: InferContext):
+    """members -> CLIP embeddings of the merged segments pooled from the cached final map
+    (``merged_clip="dense"``), or None for the patch-mean fallback: ``merged_clip="patch_mean"``,
+    a cache without ``clip_head/``, a head that does not read the head's level, or another
+    CLIP geometry."""
+    head = ctx.clip_head
+    if config.merged_clip != "dense" or head is None or s.num_patches == 0:
+        return None
+    dense = s.clip_feats.get(head.level)
+    if dense is None or int(head.input_size) != int(config.clip_input_size):
+        return None
+    dense = dense.to(ctx.device)
+    masks = torch.from_numpy(
+        np.ascontiguousarray(mask_utils.decode(list(s.patch_rles)).transpose(2, 0, 1))
+    ).to(ctx.device, torch.bool)
+
+    def embed(members: Tensor) -> Tensor:
+        return dense_query_clip_embed(members, masks, dense, head)
+
+    return embed
 
 
 def compose_prediction(
