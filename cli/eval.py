@@ -17,14 +17,24 @@ from samcp.pipeline.errors import SamcpError
     "--gt",
     "gt_path",
     type=click.Path(exists=True, path_type=Path),
-    help="COCO panoptic dataset root (annotations/panoptic_<split>.json) or a panoptic JSON file. "
-    "With --run, defaults to the dataset the cache was made from.",
+    help="COCO panoptic dataset root (annotations/panoptic_<split>.json) or a panoptic JSON file; "
+    "with --dataset, that benchmark's root. With --run, defaults to the dataset the cache was "
+    "made from.",
+)
+@click.option(
+    "--dataset",
+    "dataset",
+    default=None,
+    metavar="NAME",
+    help="Evaluate on a benchmark in its prepared layout under --gt: ade20k_150, cityscapes, "
+    "coco_panoptic (PQ, mIoU, AP), ade20k_847, pascal_context_59, pascal_context_459, "
+    "pascal_voc_20, coco_stuff_171 (mIoU, fwIoU, pACC). docs/datasets.md.",
 )
 @click.option(
     "--split",
     default=None,
-    help="Split to evaluate when --gt is a dataset root [default: val2017, or with --run and no "
-    "--gt the cache's split].",
+    help="Split to evaluate when --gt is a dataset root [default: val2017; val with --dataset; "
+    "with --run and no --gt the cache's split].",
 )
 @click.option(
     "--pred",
@@ -121,6 +131,7 @@ from samcp.pipeline.errors import SamcpError
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def command(
     gt_path: Path | None,
+    dataset: str | None,
     split: str | None,
     pred_dir: Path | None,
     run_dir: Path | None,
@@ -141,7 +152,7 @@ def command(
     no_progress: bool,
 ) -> None:
     """Evaluate predictions (a --pred folder, or a --run predicted on a --cache, or the proposal
-    oracle) against a COCO panoptic ground truth."""
+    oracle) against a COCO panoptic ground truth or a --dataset benchmark."""
     from samcp.pipeline.evaluation import (
         build_oracle_predictions,
         cache_proposals,
@@ -174,6 +185,32 @@ def command(
     if oracle_out is not None:
         prepare_output_dir(oracle_out, "oracle", reuse=True, option="--oracle-out")
     workers = workers or os.cpu_count() or 1
+    if dataset is None and gt_path is None and run_cache is not None:
+        src = _cache_source_attrs(run_cache)
+        if src.get("benchmark") not in (None, "coco_panoptic"):
+            dataset = src["benchmark"]  # a cache made with precompute --dataset
+    if dataset is not None:
+        _benchmark_eval(
+            dataset,
+            gt_path,
+            split,
+            pred_dir,
+            run_dir,
+            run_cache,
+            oracle_cache,
+            seen,
+            json_out,
+            per_class=per_class,
+            semantic_rule=semantic_rule,
+            workers=workers,
+            progress=not no_progress,
+            kappa=kappa,
+            device=device,
+            vocabulary=vocabulary,
+            clip_checkpoint=clip_checkpoint,
+            allow_other_dataset=allow_other_dataset,
+        )
+        return
     if gt_path is None:
         if run_cache is None:
             raise SamcpError("pass --gt DATASET_OR_JSON (the ground truth to evaluate against)")
@@ -264,6 +301,107 @@ def command(
                 **oracle_stats.__dict__,
             }
         )
+        write_json_atomic(json_out, out)
+
+
+def _cache_source_attrs(cache: Path) -> dict:
+    from samcp.pipeline.cache import CacheReader
+
+    return dict(CacheReader(cache).attrs.get("dataset_source") or {})
+
+
+def _benchmark_eval(
+    dataset: str,
+    gt_path: Path | None,
+    split: str | None,
+    pred_dir: Path | None,
+    run_dir: Path | None,
+    run_cache: Path | None,
+    oracle_cache: Path | None,
+    seen,
+    json_out: Path | None,
+    *,
+    per_class: bool,
+    semantic_rule: str,
+    workers: int,
+    progress: bool,
+    kappa: float | None,
+    device: str,
+    vocabulary: str | None,
+    clip_checkpoint: str | None,
+    allow_other_dataset: bool,
+) -> None:
+    """`samcp eval --dataset NAME`: a prediction folder (or a run predicted on a cache of that
+    benchmark) scored on the benchmark's ground truth."""
+    from samcp.pipeline.benchmarks import open_benchmark
+    from samcp.pipeline.evaluation import evaluate_benchmark, format_report
+    from samcp.pipeline.evaluation.formats import write_json_atomic
+    from samcp.pipeline.evaluation.groups import check_seen_classes
+
+    if oracle_cache is not None:
+        raise SamcpError(
+            "--oracle works with a COCO-layout --gt, not with --dataset; drop one of them"
+        )
+    if gt_path is None:
+        src = _cache_source_attrs(run_cache) if run_cache is not None else {}
+        if src.get("benchmark") != dataset or not src.get("path"):
+            raise SamcpError(f"--dataset {dataset} needs --gt ROOT, the benchmark's datasets root")
+        gt_path, split = Path(src["path"]), split or src.get("split")
+    bench = open_benchmark(dataset, gt_path, split or "val")
+    if seen is not None:  # before predicting, so that a wrong id does not cost a prediction run
+        from samcp.pipeline.evaluation.runner import semantic_ground_truth
+
+        cats = (
+            semantic_ground_truth(bench).categories
+            if bench.task == "semantic"
+            else bench.ground_truth().categories
+        )
+        check_seen_classes(seen, cats, f"{dataset} ({bench.root})")
+    notes: list[str] = []
+    if run_dir is not None:
+        from samcp.pipeline.cache import CacheReader, check_cache_source
+        from samcp.pipeline.predict import predict_run, prediction_notes
+
+        assert run_cache is not None
+        sizes = {r.image_id: (r.height, r.width) for r in bench.records}
+        ann = bench.json_path if bench.task == "panoptic" else bench.label_dir
+        check_cache_source(
+            CacheReader(run_cache), ann, sizes, allow_other=allow_other_dataset, option="--gt"
+        )
+        name = run_cache.resolve().name + f".{dataset}"
+        if vocabulary is not None:
+            name += f".{Path(vocabulary).stem}"
+        pred_dir = predict_run(
+            run_dir,
+            run_cache,
+            run_dir / "predictions" / name,
+            vocabulary=vocabulary,
+            clip_checkpoint=clip_checkpoint,
+            kappa=kappa,
+            device=device,
+            dataset=dataset,
+            file_stems=bench.file_stems(),
+            progress=progress,
+        )
+        notes = [f"predictions of {run_dir}: {pred_dir}", *prediction_notes(pred_dir)]
+    assert pred_dir is not None
+    report = evaluate_benchmark(
+        bench,
+        pred_dir,
+        workers=workers,
+        semantic_rule=semantic_rule,  # type: ignore[arg-type]
+        progress=progress,
+        seen=seen,
+    )
+    report.notes[:0] = notes
+    click.echo(format_report(report, per_class=per_class))
+    if json_out is not None:
+        out = report.to_dict(per_class=per_class)
+        out["ground_truth"] = str(bench.root)
+        out["split"] = bench.split
+        out["predictions"] = str(pred_dir)
+        out["run"] = None if run_dir is None else {"run": str(run_dir), "cache": str(run_cache)}
+        out["oracle"] = None
         write_json_atomic(json_out, out)
 
 

@@ -124,7 +124,21 @@ def _check_options(
 @click.command("precompute")
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("--out", "-o", required=True, help="Cache location (a folder, created if missing).")
-@click.option("--split", default="val2017", show_default=True, help="COCO split folder name.")
+@click.option(
+    "--dataset",
+    default=None,
+    metavar="NAME",
+    help="Read SOURCE as this benchmark's root in its prepared layout: ade20k_150, ade20k_847, "
+    "pascal_context_59, pascal_context_459, pascal_voc_20, cityscapes, coco_stuff_171, "
+    "coco_panoptic (docs/datasets.md) [default: SOURCE is a COCO panoptic folder or a .jsonl "
+    "manifest].",
+)
+@click.option(
+    "--split",
+    default=None,
+    help="COCO split folder name, or with --dataset val or train [default: val2017; val with "
+    "--dataset].",
+)
 @click.option(
     "--shard-size",
     default=16,
@@ -276,6 +290,7 @@ def command(
     ctx: click.Context,
     source,
     out,
+    dataset,
     split,
     shard_size,
     source_kind,
@@ -304,7 +319,8 @@ def command(
     store_sam_embeddings,
     no_progress,
 ):
-    """Run a proposal generator over SOURCE (COCO panoptic folder or .jsonl manifest).
+    """Run a proposal generator over SOURCE (COCO panoptic folder, .jsonl manifest, or with
+    --dataset a benchmark root).
 
     Re-running the same command resumes: complete shards are skipped, incomplete ones redone.
     """
@@ -327,10 +343,16 @@ def command(
         slic=SlicParams(n_segments=slic_segments, compactness=slic_compactness),
         external_path=external_path,
     )
+    if dataset is not None and str(source).endswith(".jsonl"):
+        raise SamcpError(
+            f"--dataset {dataset} reads a benchmark root, not a manifest; drop --dataset or pass "
+            "the datasets root"
+        )
     cfg = PrecomputeConfig(
         source=source,
         out=out,
-        split=split,
+        split=split or ("val" if dataset is not None else "val2017"),
+        dataset=dataset,
         shard_size=shard_size,
         proposals=proposals,
         num_workers=num_workers,

@@ -30,10 +30,20 @@ import click
     "any other non-empty folder is refused).",
 )
 @click.option(
+    "--dataset",
+    default=None,
+    metavar="NAME",
+    help="Write in this benchmark's label space (ade20k_150, ade20k_847, pascal_context_59, "
+    "pascal_context_459, pascal_voc_20, cityscapes, coco_stuff_171, coco_panoptic): its classes "
+    "and ids, semantic PNGs of class ids (16-bit beyond 255 classes); --vocabulary defaults to "
+    "its builtin vocabulary.",
+)
+@click.option(
     "--vocabulary",
     default=None,
     help="Open-vocabulary prediction: an FC-CLIP class file (id:name,synonym,...) or a builtin "
-    "name (coco_panoptic, ade20k_150, cityscapes). Default: the training classes.",
+    "name (coco_panoptic, ade20k_150, cityscapes, ...). Default: the training classes, or the "
+    "--dataset's vocabulary.",
 )
 @click.option(
     "--clip-checkpoint",
@@ -112,6 +122,7 @@ def command(
     run_dir: Path,
     cache: Path,
     out_dir: Path,
+    dataset: str | None,
     vocabulary: str | None,
     clip_checkpoint: str | None,
     alpha: float | None,
@@ -148,6 +159,7 @@ def command(
         batch_size=batch_size,
         progress=not no_progress,
         allow_incomplete=allow_incomplete,
+        dataset=dataset,
     )
     for note in prediction_notes(out):
         click.echo(f"note: {note}", err=True)

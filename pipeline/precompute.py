@@ -49,6 +49,9 @@ class PrecomputeConfig:
         computes the embedding (needs ``proposals.sam_checkpoint`` and ``proposals.sam_model``).
     clip: frozen-CLIP features to store (dense maps and mask-pooled embeddings), or None.
     redo_failed: also redo complete shards that hold failed rows (e.g. after fixing files).
+    dataset: a benchmark name (samcp.pipeline.benchmarks, e.g. ``ade20k_150``): ``source`` is
+        then that benchmark's root in its prepared layout and ``split`` is val or train; None
+        reads ``source`` as a COCO panoptic folder or a JSONL manifest.
     """
 
     source: str
@@ -67,6 +70,7 @@ class PrecomputeConfig:
     clip: Any = (
         None  # samcp.pipeline.clip.ClipConfig; typed loosely so CLIP stays an optional import
     )
+    dataset: str | None = None
 
 
 @dataclass
@@ -221,16 +225,20 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"[:300]
 
 
-def dataset_attrs(records: list[ImageRecord], shard_size: int) -> dict:
-    """Identity of the image list (compared on resume) — ids and sizes, not paths."""
+def dataset_attrs(records: list[ImageRecord], shard_size: int, name: str | None = None) -> dict:
+    """Identity of the image list (compared on resume) — ids and sizes, not paths — and, for a
+    benchmark (``--dataset``), its name."""
     h = hashlib.sha256()
     for r in records:
         h.update(f"{r.image_id}\t{r.height}\t{r.width}\n".encode())
-    return {
+    out = {
         "num_images": len(records),
         "shard_size": shard_size,
         "image_list_sha256": h.hexdigest(),
     }
+    if name is not None:
+        out["name"] = name
+    return out
 
 
 def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]], dict]:
@@ -247,7 +255,15 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
 
     cfg.proposals.validate(cfg.store_sam_embeddings)
     uses_sam = cfg.proposals.uses_sam(cfg.store_sam_embeddings)
-    records = open_image_source(Path(cfg.source), cfg.split)
+    if cfg.dataset is not None:
+        from samcp.pipeline.benchmarks import open_benchmark
+
+        bench = open_benchmark(cfg.dataset, cfg.source, cfg.split)
+        records = bench.records
+        source_attrs = bench.source_attrs()
+    else:
+        records = open_image_source(Path(cfg.source), cfg.split)
+        source_attrs = cache_io.dataset_source_attrs(cfg.source, cfg.split)
     if cfg.limit is not None:
         records = records[: cfg.limit]
     if not records:
@@ -258,8 +274,8 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
         **cfg.proposals.cache_attrs(sha, cfg.store_sam_embeddings),
         "clip": _clip_attrs(cfg.clip),
         "sam_embed": bool(cfg.store_sam_embeddings),
-        "dataset": dataset_attrs(records, cfg.shard_size),
-        "dataset_source": cache_io.dataset_source_attrs(cfg.source, cfg.split),
+        "dataset": dataset_attrs(records, cfg.shard_size, cfg.dataset),
+        "dataset_source": source_attrs,
     }
     if uses_sam:
         # Fail early, in the driver, on a checkpoint that does not load (wrong file or arch).

@@ -9,7 +9,8 @@ alpha = beta = kappa). The prediction folder::
 
     PRED_DIR/panoptic.json         COCO panoptic: images, annotations (segments_info), categories
     PRED_DIR/panoptic/<stem>.png   RGB panoptic PNGs, id = R + 256 G + 256^2 B, 0 = void
-    PRED_DIR/semantic/<stem>.png   uint8 contiguous class index (panoptic.json's categories), 255 = none
+    PRED_DIR/semantic/<stem>.png   class index into panoptic.json's categories: uint8 with 255 = none,
+                                   or uint16 with 65535 = none beyond 255 classes
     PRED_DIR/instances.json        COCO results: image_id, category_id, segmentation (RLE), score, bbox
     PRED_DIR/predict_info.json     run, cache, vocabulary, alpha/beta, composition thresholds, notes
 
@@ -40,7 +41,8 @@ from samcp.pipeline.headdata import cache_info, image_inputs
 from samcp.pipeline.outputs import prepare_output_dir, staging_path, write_marker
 
 NO_CLASS = -1  # "no region covers this pixel" in class-index maps
-IGNORE_LABEL = 255  # the same in semantic PNGs (detectron2's ignore label)
+IGNORE_LABEL = 255  # the same in 8-bit semantic PNGs (detectron2's ignore label)
+IGNORE_LABEL_16 = 65535  # and in 16-bit ones (more than 255 classes: ADE20K-847, PC-459)
 INFO_FILE = "predict_info.json"
 
 
@@ -152,6 +154,13 @@ def _dataset_categories(cache_attrs: dict) -> tuple[str, list[dict]] | None:
     src = cache_attrs.get("dataset_source") or {}
     if not src.get("path"):
         return None
+    if src.get("benchmark"):  # a cache made with precompute --dataset NAME
+        from samcp.pipeline.benchmarks import cache_benchmark
+
+        bench = cache_benchmark(cache_attrs)
+        if bench is None:
+            return None
+        return f"benchmark {bench.name} ({bench.root})", bench.categories
     path = Path(src["path"]) / "annotations" / f"panoptic_{src.get('split') or 'val2017'}.json"
     try:
         cats = json.loads(path.read_text(encoding="utf-8")).get("categories")
@@ -205,6 +214,31 @@ def vocabulary_label_space(
     )
     k = len(classes)
     return LabelSpace(classes, np.ones(k, bool), classes, np.arange(k), "vocabulary"), note
+
+
+def benchmark_label_space(vocab, name: str, categories: Sequence[dict]) -> LabelSpace:
+    """The label space of a benchmark (``--dataset NAME``): panoptic.json's categories are the
+    benchmark's classes in class-id order, so a semantic PNG value is the class's position there
+    (= its class id for every registered benchmark but COCO panoptic); thing/stuff is the
+    benchmark's. Every vocabulary class must be a benchmark class (by id).
+
+    Raises:
+        SamcpError: a vocabulary id that is not a class of the benchmark.
+    """
+    out_cats = [_category(c) for c in categories]
+    pos_of = {c["id"]: i for i, c in enumerate(out_cats)}
+    bad = [int(cid) for cid in vocab.ids if int(cid) not in pos_of]
+    if bad:
+        ids = sorted(pos_of)
+        raise SamcpError(
+            f"vocabulary {vocab.name!r} has class id(s) {', '.join(map(str, bad[:5]))} that are not "
+            f"classes of {name} (ids {ids[0]}..{ids[-1]}); use the benchmark's class ids, as its "
+            f"builtin vocabulary {name} does"
+        )
+    pos = np.asarray([pos_of[int(cid)] for cid in vocab.ids], np.int64)
+    classes = [out_cats[p] for p in pos.tolist()]
+    isthing = np.array([bool(c["isthing"]) for c in classes])
+    return LabelSpace(classes, isthing, out_cats, pos, f"benchmark {name}")
 
 
 class Predictor:
@@ -261,6 +295,7 @@ class Predictor:
         params: Mapping[str, Any] | None = None,
         overrides: Mapping[str, Any] | None = None,
         device: str = "auto",
+        dataset: str | None = None,
     ) -> Predictor:
         """Loads a run folder for predicting on a cache.
 
@@ -278,6 +313,9 @@ class Predictor:
             overrides: head config fields to change for inference (only the head's
                 ``inference_fields``, e.g. PosSAM's ``classifier``).
             device: "auto", "cpu" or "cuda".
+            dataset: a benchmark name (samcp.pipeline.benchmarks): predict in its label space
+                (its classes, ids and thing/stuff); ``vocabulary`` defaults to its builtin
+                vocabulary and may only name its classes.
         """
         from samcp.models.openvocab import seen_classes
         from samcp.pipeline.vocab import read_vocabulary
@@ -303,6 +341,12 @@ class Predictor:
                 raise SamcpError(f"{flag} {value} must be in [0, 1]")
 
         train_names = _training_names(run_dir, classes)
+        bench_categories = None
+        if dataset is not None:
+            from samcp.pipeline.benchmarks import benchmark_categories, get_benchmark
+
+            vocabulary = vocabulary if vocabulary is not None else get_benchmark(dataset).vocabulary
+            bench_categories = benchmark_categories(dataset, cache_attrs)
         if vocabulary is None:
             from safetensors.torch import load_file
 
@@ -319,16 +363,20 @@ class Predictor:
             seen = np.ones(len(labels), bool)
         else:
             vocab = read_vocabulary(vocabulary)
+            if bench_categories is not None:
+                assert dataset is not None
+                labels = benchmark_label_space(vocab, dataset, bench_categories)
             text = vocabulary_text_embed(
                 vocab, cache_attrs, clip_checkpoint, train_cfg.get("templates", "vild"), dev
             )
-            candidates = [(str(run_dir / "classes.json"), classes)]
-            ds = _dataset_categories(cache_attrs)
-            if ds is not None:
-                candidates.append(ds)
-            labels, note = vocabulary_label_space(vocab, candidates)
-            if note:
-                notes.append(note)
+            if bench_categories is None:
+                candidates = [(str(run_dir / "classes.json"), classes)]
+                ds = _dataset_categories(cache_attrs)
+                if ds is not None:
+                    candidates.append(ds)
+                labels, note = vocabulary_label_space(vocab, candidates)
+                if note:
+                    notes.append(note)
             seen = seen_classes(vocab.names, train_names)
         if text.shape[1] != head_cfg.text_dim:
             raise SamcpError(
@@ -485,6 +533,11 @@ def _default_stems(cache_attrs: dict) -> dict[str, str]:
     src = cache_attrs.get("dataset_source") or {}
     if not src.get("path"):
         return {}
+    if src.get("benchmark"):  # a cache made with precompute --dataset NAME
+        from samcp.pipeline.benchmarks import cache_benchmark
+
+        bench = cache_benchmark(cache_attrs)
+        return {} if bench is None else bench.file_stems()
     path = Path(src["path"]) / "annotations" / f"panoptic_{src.get('split') or 'val2017'}.json"
     if not path.is_file():
         return {}
@@ -508,11 +561,18 @@ class PredictionWriter:
     and :meth:`finish` renames it to ``out`` (replacing an earlier prediction folder), so a crash
     never leaves half a folder behind; :meth:`abort` removes the staging folder.
 
+    The JSON entries of each image (panoptic.json's images and annotations, instances.json's
+    results) are appended to part files as they come and joined by :meth:`finish`, so memory does
+    not grow with the number of images. Semantic PNGs are 8-bit (255 = no class) up to 255
+    classes, 16-bit (65535 = no class) beyond.
+
     Args:
         out: the prediction folder.
         labels: classes of the ImageResults (category ids, thing/stuff, semantic PNG index).
         stems: ``image_id -> file stem`` of the PNGs (default the image id).
     """
+
+    _PARTS = ("images", "annotations", "instances")
 
     def __init__(
         self,
@@ -524,13 +584,22 @@ class PredictionWriter:
         self.tmp = staging_path(out, "samcp-partial")
         (self.tmp / "panoptic").mkdir(parents=True)
         self.labels, self.stems = labels, dict(stems or {})
-        self.semantic = int(labels.semantic_index.max(initial=0)) < IGNORE_LABEL
-        if self.semantic:
-            (self.tmp / "semantic").mkdir()
-        self.images: list[dict] = []
-        self.annotations: list[dict] = []
-        self.instances: list[dict] = []
+        self.semantic = True
+        wide = int(labels.semantic_index.max(initial=0)) >= IGNORE_LABEL
+        self.semantic_dtype = np.uint16 if wide else np.uint8
+        self.semantic_ignore = IGNORE_LABEL_16 if wide else IGNORE_LABEL
+        (self.tmp / "semantic").mkdir()
+        self.num_images = 0
+        self._counts = dict.fromkeys(self._PARTS, 0)
+        self._parts = {k: open(self.tmp / f".{k}.part", "w", encoding="utf-8") for k in self._PARTS}
         self.used_stems: set[str] = set()
+
+    def _emit(self, part: str, obj: dict) -> None:
+        fh = self._parts[part]
+        if self._counts[part]:
+            fh.write(",\n")
+        fh.write(json.dumps(obj))
+        self._counts[part] += 1
 
     def add(self, p: ImageResult) -> None:
         """Writes one image's PNGs; its JSON entries are kept for :meth:`finish`."""
@@ -541,11 +610,10 @@ class PredictionWriter:
         image_id = _json_image_id(p.image_id)
         ids = self.labels.ids
         sem = p.semantic
-        if self.semantic:
-            png = np.full(sem.shape, IGNORE_LABEL, np.uint8)
-            has = sem >= 0
-            png[has] = self.labels.semantic_index[sem[has]]
-            _write_png(self.tmp / "semantic" / f"{stem}.png", png)
+        png = np.full(sem.shape, self.semantic_ignore, self.semantic_dtype)
+        has = sem >= 0
+        png[has] = self.labels.semantic_index[sem[has]]
+        _write_png(self.tmp / "semantic" / f"{stem}.png", png)
         pan, segments = p.panoptic, p.segments
         from samcp.pipeline.evaluation.formats import write_panoptic_png
 
@@ -565,17 +633,20 @@ class PredictionWriter:
                     "score": round(s["score"], 6),
                 }
             )
-        self.images.append(
-            {"id": image_id, "file_name": f"{stem}.png", "height": p.height, "width": p.width}
+        self._emit(
+            "images",
+            {"id": image_id, "file_name": f"{stem}.png", "height": p.height, "width": p.width},
         )
-        self.annotations.append(
-            {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": info}
+        self._emit(
+            "annotations", {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": info}
         )
+        self.num_images += 1
         for rle, label, score in zip(
             p.instance_rles, p.instance_labels.tolist(), p.instance_scores.tolist(), strict=True
         ):
             counts = rle["counts"]
-            self.instances.append(
+            self._emit(
+                "instances",
                 {
                     "image_id": image_id,
                     "category_id": ids[int(label)],
@@ -585,22 +656,36 @@ class PredictionWriter:
                     },
                     "bbox": [float(v) for v in mask_utils.toBbox(rle)],
                     "score": float(score),
-                }
+                },
             )
+
+    def _close_parts(self) -> None:
+        for fh in self._parts.values():
+            fh.close()
+
+    def _join(self, fh, part: str) -> None:
+        with open(self.tmp / f".{part}.part", encoding="utf-8") as src:
+            shutil.copyfileobj(src, fh)
 
     def finish(self, info: dict) -> Path:
         """Writes the JSON files (``info`` as predict_info.json) and moves the folder into place."""
         from samcp.pipeline.evaluation.formats import write_json_atomic
 
-        write_json_atomic(
-            self.tmp / "panoptic.json",
-            {
-                "images": self.images,
-                "annotations": self.annotations,
-                "categories": self.labels.output_categories,
-            },
-        )
-        write_json_atomic(self.tmp / "instances.json", self.instances)
+        self._close_parts()
+        with open(self.tmp / "panoptic.json", "w", encoding="utf-8") as fh:
+            fh.write('{"images": [\n')
+            self._join(fh, "images")
+            fh.write('],\n"annotations": [\n')
+            self._join(fh, "annotations")
+            fh.write('],\n"categories": ')
+            fh.write(json.dumps(self.labels.output_categories))
+            fh.write("}\n")
+        with open(self.tmp / "instances.json", "w", encoding="utf-8") as fh:
+            fh.write("[\n")
+            self._join(fh, "instances")
+            fh.write("]\n")
+        for part in self._PARTS:
+            (self.tmp / f".{part}.part").unlink()
         write_json_atomic(self.tmp / INFO_FILE, info)
         write_marker(self.tmp, "predictions")
         old = None
@@ -614,6 +699,7 @@ class PredictionWriter:
         return self.out
 
     def abort(self) -> None:
+        self._close_parts()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -653,6 +739,7 @@ def predict_run(
     file_stems: Mapping[str, str] | None = None,
     progress: bool = True,
     allow_incomplete: bool = False,
+    dataset: str | None = None,
 ) -> Path:
     """Predicts every image of a cache with a trained run and writes a prediction folder.
 
@@ -677,6 +764,9 @@ def predict_run(
         progress: show a progress bar on stderr.
         allow_incomplete: predict an unfinished cache (a note names what is missing) instead
             of refusing it.
+        dataset: a benchmark name (samcp.pipeline.benchmarks): write in its label space
+            (panoptic.json's categories are its classes; semantic PNGs hold its class ids, 16-bit
+            beyond 255 classes); ``vocabulary`` defaults to its builtin vocabulary.
 
     Returns:
         ``out_dir``.
@@ -706,6 +796,7 @@ def predict_run(
         },
         overrides=overrides,
         device=device,
+        dataset=dataset,
     )
     labels = predictor.labels
     notes = list(predictor.notes)
@@ -713,10 +804,9 @@ def predict_run(
         notes.append(f"{unfinished}: only the {len(reader)} cached images are predicted")
     stems = dict(file_stems) if file_stems is not None else _default_stems(reader.attrs)
     writer = PredictionWriter(out, labels, stems)
-    if not writer.semantic:
+    if writer.semantic_dtype == np.uint16:
         notes.append(
-            f"{len(labels.output_categories)} classes do not fit a uint8 PNG: "
-            "no semantic/ folder (eval derives semantics from the panoptic output)"
+            f"{len(labels.output_categories)} classes: semantic PNGs are 16-bit (65535 = no class)"
         )
     failed = no_embed = 0
     bar = tqdm(
@@ -756,11 +846,18 @@ def predict_run(
 
     cfg = predictor.head_cfg
     params = predictor.params
+    used_vocab = vocabulary
+    if used_vocab is None and dataset is not None:
+        from samcp.pipeline.benchmarks import get_benchmark
+
+        used_vocab = get_benchmark(dataset).vocabulary
     info = {
         "run": str(Path(run_dir)),
         "cache": str(Path(cache)),
         "head": head_name(cfg),
-        "vocabulary": None if vocabulary is None else str(getattr(vocabulary, "name", vocabulary)),
+        "vocabulary": None if used_vocab is None else str(getattr(used_vocab, "name", used_vocab)),
+        "dataset": dataset,
+        "semantic_ignore": writer.semantic_ignore,
         "overrides": dict(overrides or {}),
         "alpha": predictor.alpha,
         "beta": predictor.beta,
@@ -773,7 +870,7 @@ def predict_run(
             "max_instances": params.max_instances,
             "semantic_from": params.semantic_from,
         },
-        "num_images": len(writer.images),
+        "num_images": writer.num_images,
         "num_failed": failed,
         "notes": notes,
     }

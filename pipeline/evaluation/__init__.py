@@ -5,6 +5,7 @@ from samcp.pipeline.evaluation.formats import (
     Category,
     GroundTruth,
     Predictions,
+    SemanticGroundTruth,
     id_to_rgb,
     load_ground_truth,
     load_predictions,
@@ -35,7 +36,14 @@ from samcp.pipeline.evaluation.panoptic import (
     pq_average,
     pq_image,
 )
-from samcp.pipeline.evaluation.runner import EvalReport, evaluate, format_report
+from samcp.pipeline.evaluation.runner import (
+    EvalReport,
+    evaluate,
+    evaluate_benchmark,
+    evaluate_ground_truth,
+    evaluate_semantic,
+    format_report,
+)
 from samcp.pipeline.evaluation.semantic import SemanticResult, semantic_metrics
 
 __all__ = [
@@ -51,12 +59,16 @@ __all__ = [
     "PanopticResult",
     "Predictions",
     "SeenClasses",
+    "SemanticGroundTruth",
     "SemanticResult",
     "build_oracle_predictions",
     "check_cache_covers",
     "check_seen_classes",
     "count_pairs",
     "evaluate",
+    "evaluate_benchmark",
+    "evaluate_ground_truth",
+    "evaluate_semantic",
     "evaluate_instances",
     "format_report",
     "id_to_rgb",

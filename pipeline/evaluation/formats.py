@@ -33,6 +33,9 @@ OFFSET = 256 * 256 * 256
 VOID = 0
 # Label value meaning "no class" in semantic PNGs (detectron2's and mmseg's ignore label).
 IGNORE_LABEL = 255
+# The same in 16-bit semantic PNGs/TIFFs (benchmarks with more than 255 classes: ADE20K-847,
+# Pascal Context 459).
+IGNORE_LABEL_16 = 65535
 
 
 @dataclass(frozen=True)
@@ -142,19 +145,27 @@ def write_panoptic_png(path: Path, ids: np.ndarray) -> None:
 
 
 def read_label_png(path: Path) -> np.ndarray:
-    """Reads a single-channel semantic label PNG as an (H, W) uint8 array.
+    """Reads a single-channel semantic label PNG as an (H, W) uint8 or uint16 array.
+
+    8-bit PNGs use 255 for "no class", 16-bit ones (more than 255 classes) 65535
+    (:func:`ignore_value`).
 
     Raises:
-        SamcpError: If the file is missing or not a single-channel 8-bit image.
+        SamcpError: If the file is missing or not a single-channel 8-bit or 16-bit image.
     """
     try:
         with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise SamcpError(
-                    f"{path}: semantic PNG has mode {img.mode}; write it as 8-bit single-channel "
-                    "class indices with 255 for unlabelled"
-                )
-            return np.asarray(img, dtype=np.uint8)
+            if img.mode in ("L", "P"):
+                return np.asarray(img, dtype=np.uint8)
+            if img.mode.startswith("I;16") or img.mode == "I":
+                arr = np.asarray(img)
+                if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+                    raise SamcpError(f"{path}: semantic PNG has values outside 0..65535")
+                return arr.astype(np.uint16)
+            raise SamcpError(
+                f"{path}: semantic PNG has mode {img.mode}; write it as 8-bit single-channel "
+                "class indices with 255 for unlabelled (16-bit with 65535 beyond 255 classes)"
+            )
     except FileNotFoundError:
         raise SamcpError(
             f"{path}: semantic prediction PNG not found; write one per image or remove the "
@@ -162,6 +173,28 @@ def read_label_png(path: Path) -> np.ndarray:
         ) from None
     except OSError as exc:
         raise SamcpError(f"{path}: cannot read semantic PNG ({exc}); rewrite the file") from None
+
+
+def ignore_value(labels: np.ndarray) -> int:
+    """The "no class" value of a semantic label map: 255 when 8-bit, 65535 when 16-bit."""
+    return IGNORE_LABEL if labels.dtype == np.uint8 else IGNORE_LABEL_16
+
+
+@dataclass
+class SemanticGroundTruth:
+    """The ground truth of a semantic-only benchmark: one label file per image.
+
+    Attributes:
+        name: The benchmark's name, for messages and the report.
+        categories: Its classes (``index`` = position = class id for the registered benchmarks).
+        items: ``(image_id, stem, label file)`` per image; predictions are ``semantic/<stem>.png``.
+        ignore_label: The label files' "no class" value (255, or 65535 for 16-bit labels).
+    """
+
+    name: str
+    categories: list[Category]
+    items: list[tuple[str, str, Path]]
+    ignore_label: int = IGNORE_LABEL
 
 
 def _load_json(path: Path, what: str) -> Any:

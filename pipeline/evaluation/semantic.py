@@ -111,6 +111,7 @@ def semantic_lut(
     gt_index: Mapping[int, int],
     num_classes: int,
     ignore_label: int = 255,
+    size: int = 256,
 ) -> np.ndarray:
     """Ground-truth class index of each semantic PNG value when the values index another list.
 
@@ -122,12 +123,13 @@ def semantic_lut(
         gt_index: Ground-truth category id -> contiguous class index.
         num_classes: K.
         ignore_label: The PNG's "unlabelled" value, mapped to K.
+        size: The number of possible PNG values: 256 for 8-bit PNGs, 65536 for 16-bit ones.
 
     Returns:
-        (256,) int64; -1 for values that name no ground-truth category.
+        (size,) int64; -1 for values that name no ground-truth category.
     """
-    lut = np.full(256, -1, np.int64)
-    for v, cid in enumerate(pred_category_ids[:256]):
+    lut = np.full(size, -1, np.int64)
+    for v, cid in enumerate(pred_category_ids[:size]):
         lut[v] = gt_index.get(int(cid), -1)
     lut[ignore_label] = num_classes
     return lut
@@ -223,3 +225,25 @@ def class_lookup(
     for s in segments:
         out[int(s["id"])] = class_index.get(int(s["category_id"]), num_classes)
     return out
+
+
+def label_lut(
+    class_index: Mapping[int, int], num_classes: int, ignore_label: int, size: int = 65536
+) -> np.ndarray:
+    """Class index of each value of a ground-truth label file whose values are class ids.
+
+    Args:
+        class_index: Class id -> contiguous class index.
+        num_classes: K.
+        ignore_label: The files' "no class" value, mapped to K (ignored).
+        size: The number of possible values (65536 covers 8-bit and 16-bit files).
+
+    Returns:
+        (size,) int64; -1 for values that are neither a class id nor the ignore label.
+    """
+    lut = np.full(size, -1, np.int64)
+    for cid, idx in class_index.items():
+        if 0 <= int(cid) < size:
+            lut[int(cid)] = idx
+    lut[ignore_label] = num_classes
+    return lut
