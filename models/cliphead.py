@@ -138,9 +138,74 @@ class ClipHead(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    @classmethod
+    def random(
+        cls,
+        kind: str,
+        channels: int,
+        dim: int,
+        norm_eps: float = 1e-5,
+        input_size: int = 0,
+        level: str = "clip_res5",
+    ) -> ClipHead:
+        """A head of the given layout with random weights (``nn.Linear``'s default init, unit
+        LayerNorm), trainable: for heads that learn the projection when the cache stores none.
+        The layout is open_clip's: ``mlp`` is Linear(C, 2D) + GELU + Linear(2D, D, no bias),
+        ``linear`` is Linear(C, D, no bias)."""
+
+        def lin(i: int, o: int, bias: bool) -> dict[str, np.ndarray]:
+            m = nn.Linear(i, o, bias=bias)
+            out = {"weight": m.weight.detach().numpy().copy()}
+            if bias:
+                out["bias"] = m.bias.detach().numpy().copy()
+            return out
+
+        t: dict[str, np.ndarray] = {
+            "norm_weight": np.ones(channels, np.float32),
+            "norm_bias": np.zeros(channels, np.float32),
+        }
+        if kind == "mlp":
+            fc1, fc2 = lin(channels, 2 * dim, True), lin(2 * dim, dim, False)
+            t.update(fc1_weight=fc1["weight"], fc1_bias=fc1["bias"], fc2_weight=fc2["weight"])
+        else:
+            t["proj_weight"] = lin(channels, dim, False)["weight"]
+        head = cls(ClipHeadWeights(kind, norm_eps, t, input_size, level))
+        return head.requires_grad_(True)
+
+    def load_weights(self, weights: ClipHeadWeights) -> None:
+        """Copies ``weights`` into this head (same layout and shapes), e.g. a cache's head into a
+        model built with :meth:`random`.
+
+        Raises:
+            ValueError: another layout or other shapes.
+        """
+        other = ClipHead(weights)
+        mine, theirs = self.state_dict(), other.state_dict()
+        if weights.kind != self.kind or {k: v.shape for k, v in mine.items()} != {
+            k: v.shape for k, v in theirs.items()
+        }:
+            shapes = {k: list(v.shape) for k, v in theirs.items()}
+            raise ValueError(
+                f"the cache's CLIP head ({weights.kind}, {shapes}) does not fit this model's "
+                f"({self.kind}, { {k: list(v.shape) for k, v in mine.items()} })"
+            )
+        with torch.no_grad():
+            for k, v in theirs.items():
+                mine[k].copy_(v)
+        self.norm.eps = other.norm.eps
+        self.input_size, self.level = other.input_size, other.level
+
+    def project(self, pooled: Tensor) -> Tensor:
+        """(..., C) -> (..., D) embeddings before the L2 normalisation."""
+        return self.proj(self.norm(pooled.to(self.norm.weight.dtype)))
+
     def forward(self, pooled: Tensor) -> Tensor:
-        x = self.norm(pooled.to(self.norm.weight.dtype))
-        return F.normalize(self.proj(x), dim=-1)
+        return F.normalize(self.project(pooled), dim=-1)
+
+    def dense(self, maps: Tensor) -> Tensor:
+        """The head at every cell of (B, C, h, w) maps -> (B, D, h, w), not normalised (on a
+        1 x 1 map: the cached ``clip_mask_embed`` of a pooled feature before normalisation)."""
+        return self.project(maps.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def embed_masks(self, dense: Tensor, masks: Tensor) -> Tensor:
         """(m, D) embeddings of masks (m, H, W) at the original image size, pooled from the

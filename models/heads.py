@@ -234,6 +234,11 @@ class Head:
     #: optimisation defaults of the head's paper/code (``lr``, ``weight_decay``, ``clip_grad``,
     #: ``lr_drop``): ``samcp train`` uses them for the TrainConfig fields the user left unset.
     train_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: which parts of an ImageResult the head predicts: "panoptic" (the id map and segments),
+    #: "semantic" (the class map), "instances" (ranked instances). A semantic head (CAT-Seg's
+    #: cost aggregation) sets ("semantic",): its results still carry an all-void panoptic map and
+    #: no instances, which predict and eval should neither write nor score as predictions.
+    outputs: ClassVar[tuple[str, ...]] = ("panoptic", "semantic", "instances")
 
     # --- configuration -------------------------------------------------------------------------
 
@@ -277,6 +282,13 @@ class Head:
     def collate(self, samples: Sequence[Any], text_embed: Tensor, config: Any, device) -> dict:
         """The module's keyword arguments for a batch."""
         raise NotImplementedError
+
+    def init_from_cache(self, module: nn.Module, config: Any, cache: CacheInfo) -> None:
+        """Called once by ``samcp train`` on a freshly built module, before the optimiser is made:
+        copy frozen weights the cache carries into it (e.g. the CLIP head, ``cache.clip_head``)
+        and set ``requires_grad`` accordingly. They are saved with the model, so prediction needs
+        nothing more. Raise ValueError naming the precompute step when the cache lacks them.
+        Default: nothing."""
 
     def criterion(self, config: Any) -> nn.Module:
         """A module ``(outputs, samples) -> {"loss": total, other named terms}``."""

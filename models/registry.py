@@ -36,7 +36,11 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 #: modules whose import registers samcp's own heads
-BUILTIN_HEAD_MODULES = ("samcp.models.affinity.plugin", "samcp.models.possam.plugin")
+BUILTIN_HEAD_MODULES = (
+    "samcp.models.affinity.plugin",
+    "samcp.models.possam.plugin",
+    "samcp.models.costagg.plugin",
+)
 ENTRY_POINT_GROUP = "samcp.heads"
 
 _HEADS: dict[str, Head] = {}

@@ -508,7 +508,12 @@ def _train(
     cfg.validate(resolved=True)
     sampler.cfg = cfg
     torch.manual_seed(cfg.seed)
-    model = build_head(cfg.head, head_cfg).to(device)
+    model = build_head(cfg.head, head_cfg)
+    try:
+        plugin.init_from_cache(model, head_cfg, cache_info(reader))
+    except ValueError as exc:
+        raise SamcpError(f"cache {cfg.cache}: {exc}") from None
+    model = model.to(device)
     criterion = plugin.criterion(head_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     milestones = lr_milestones(cfg.lr_drop, cfg.steps)

@@ -40,7 +40,24 @@ def _cache_info() -> CacheInfo:
         image_arrays=frozenset({"clip_res5", "sam_embed"}),
         mask_arrays=frozenset({"clip_mask_embed"}),
         sam_embed_shape=SAM_SHAPE,
+        clip_head=_clip_head(),
     )
+
+
+def _clip_head():
+    """A random frozen CLIP head of the cache's shapes (open_clip's MLP layout)."""
+    from samcp.models.cliphead import ClipHeadWeights
+
+    rng = np.random.default_rng(0)
+    c, d = CLIP_CHANNELS, TEXT_DIM
+    t = {
+        "norm_weight": np.ones(c, np.float32),
+        "norm_bias": np.zeros(c, np.float32),
+        "fc1_weight": rng.normal(0, c**-0.5, (2 * d, c)).astype(np.float32),
+        "fc1_bias": np.zeros(2 * d, np.float32),
+        "fc2_weight": rng.normal(0, (2 * d) ** -0.5, (d, 2 * d)).astype(np.float32),
+    }
+    return ClipHeadWeights("mlp", 1e-5, t, CLIP_SIZE, "clip_res5")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +121,7 @@ def test_every_head_trains_saves_and_predicts(name, world, tmp_path):
     head, cfg = _config(name)
     torch.manual_seed(0)
     model = build_head(name, cfg)
+    head.init_from_cache(model, cfg, _cache_info())  # as samcp train does
     items = world["items"]
     samples = [head.sample(x, cfg, 50, gt) for x, gt in items]
     assert isinstance(items[0][1], GroundTruth)

@@ -26,6 +26,18 @@ from pathlib import Path
 
 CONTENDERS = {
     "affinity": ("affinity", {}),
+    # The head before issue 11's changes (single res5 level, no query attention mask, no denoising
+    # queries, no BG self-affinity, no crop augmentation): what those changes cost per step.
+    "affinity (before issue 11)": (
+        "affinity",
+        {
+            "multi_level": False,
+            "query_attn_mask": False,
+            "num_denoising_queries": 0,
+            "bg_self_affinity": False,
+            "scale_crop_aug": False,
+        },
+    ),
     "possam (proposals)": ("possam", {}),
     "possam (decoder, 250 queries)": ("possam", {"mask_source": "decoder"}),
 }
