@@ -680,10 +680,11 @@ class PredictionWriter:
             fh.write('],\n"categories": ')
             fh.write(json.dumps(self.labels.output_categories))
             fh.write("}\n")
-        with open(self.tmp / "instances.json", "w", encoding="utf-8") as fh:
-            fh.write("[\n")
-            self._join(fh, "instances")
-            fh.write("]\n")
+        if "instances" in info.get("outputs", ("instances",)):
+            with open(self.tmp / "instances.json", "w", encoding="utf-8") as fh:
+                fh.write("[\n")
+                self._join(fh, "instances")
+                fh.write("]\n")
         for part in self._PARTS:
             (self.tmp / f".{part}.part").unlink()
         write_json_atomic(self.tmp / INFO_FILE, info)
@@ -821,7 +822,8 @@ def predict_run(
         rows = reader.iter_images(include_failed=True, arrays=predictor.arrays)
         for batch in _batches(rows, batch_size):
             ok = [r for r in batch if r.status == STATUS_OK]
-            no_embed += sum("clip_mask_embed" not in r.mask_arrays for r in ok)
+            if "clip_mask_embed" in predictor.arrays:  # only heads that fuse with CLIP read it
+                no_embed += sum("clip_mask_embed" not in r.mask_arrays for r in ok)
             samples = [predictor.sample(r) for r in ok]
             done = {r.image_id: p for r, p in zip(ok, predictor.predict(samples), strict=True)}
             for r in batch:
@@ -873,6 +875,9 @@ def predict_run(
         "num_images": writer.num_images,
         "num_failed": failed,
         "notes": notes,
+        # what the head predicts: a semantic head's panoptic files are empty placeholders, and it
+        # writes no instances.json (samcp eval then reports mIoU only)
+        "outputs": list(predictor.head.outputs),
     }
     try:
         return writer.finish(info)

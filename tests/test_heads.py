@@ -176,10 +176,16 @@ def test_every_head_trains_saves_and_predicts(name, world, tmp_path):
         assert r.panoptic.shape == (r.height, r.width) == r.semantic.shape
         assert set(np.unique(r.panoptic)) <= {0} | {s["id"] for s in r.segments}
         writer.add(r)
-    pred = writer.finish({"notes": []})
+    pred = writer.finish({"notes": [], "outputs": list(head.outputs)})
     assert json.loads((pred / "panoptic.json").read_text())["annotations"]
+    assert (pred / "instances.json").is_file() == ("instances" in head.outputs)
     report = evaluate(gt_json, gt_png, pred, workers=1)
-    assert 0.0 <= report.panoptic.all.pq <= 100.0
+    assert 0.0 <= report.semantic.miou <= 100.0
+    if "panoptic" in head.outputs:
+        assert 0.0 <= report.panoptic.all.pq <= 100.0
+    else:  # a semantic head: its empty panoptic output is not scored
+        assert report.panoptic is None and report.instance is None
+        assert any("semantics only" in n for n in report.notes)
 
 
 def test_registry_lists_builtin_heads_and_refuses_unknown_names():

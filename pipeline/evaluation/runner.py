@@ -8,6 +8,7 @@ numbers do not depend on the number of workers.
 from __future__ import annotations
 
 import multiprocessing
+import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -571,9 +572,16 @@ def evaluate_ground_truth(
                 instance_evals[keys.images[r.image_id]] = r.instance_eval
 
     notes = []
+    semantic_only = "panoptic" not in _predicted_outputs(Path(pred_dir))
+    if semantic_only:
+        # A semantic head (predict_info.json "outputs"): its panoptic files are empty placeholders.
+        pq_total = {}
+        notes.append("the head predicts semantics only (predict_info.json): PQ not evaluated")
     groups = None if seen is None else group_ids(seen, gt.categories)
     instance = None
-    if pred.instances is None:
+    if pred.instances is None and semantic_only:
+        pass
+    elif pred.instances is None:
         notes.append("no instances.json in the prediction folder: AP not evaluated")
     elif keys is None:
         notes.append("the ground truth has no thing category: AP not evaluated")
@@ -593,7 +601,7 @@ def evaluate_ground_truth(
         if not groups["unseen"]:
             notes.append("every ground-truth category is seen: the unseen group is empty")
     return EvalReport(
-        panoptic=summarize_panoptic(pq_total, gt.categories),
+        panoptic=None if semantic_only else summarize_panoptic(pq_total, gt.categories),
         semantic=semantic,
         instance=instance,
         categories=gt.categories,
@@ -604,6 +612,20 @@ def evaluate_ground_truth(
         seen_source=None if seen is None else seen.source,
         benchmark=benchmark,
     )
+
+
+def _predicted_outputs(pred_dir: Path) -> tuple[str, ...]:
+    """What the head of a prediction folder predicts (``predict_info.json``'s ``outputs``, written
+    by samcp predict); every output when the file or the key is absent (other tools' folders,
+    samcp's before the key existed)."""
+    try:
+        info = json.loads((pred_dir / "predict_info.json").read_text())
+        outputs = info.get("outputs")
+    except (OSError, ValueError, AttributeError):
+        return ("panoptic", "semantic", "instances")
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        return ("panoptic", "semantic", "instances")
+    return tuple(outputs)
 
 
 def _context(
