@@ -34,9 +34,27 @@ def parse_sets(sets: tuple[str, ...]) -> dict:
 
 @click.command("train")
 @click.option("--cache", required=True, help="Proposal cache of the training images (with CLIP).")
-@click.option("--dataset", required=True, help="COCO panoptic root with the training annotations.")
+@click.option(
+    "--dataset",
+    required=True,
+    help="Root with the training annotations: a COCO panoptic root, or for a cache made with "
+    "`precompute --dataset NAME` that benchmark's root (read with its reader).",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder.")
-@click.option("--split", default=None, help="Annotation split of the cached images [train2017].")
+@click.option(
+    "--split",
+    default=None,
+    help="Annotation split of the cached images [the split a benchmark cache records, else "
+    "train2017].",
+)
+@click.option(
+    "--dataset-name",
+    "dataset_name",
+    default=None,
+    metavar="NAME",
+    help="Benchmark whose ground truth --dataset holds (coco_stuff_171, ade20k_150, ...) [the one "
+    "the cache records: precompute --dataset NAME; else the COCO panoptic layout].",
+)
 @click.option("--head", default=None, help="Head to train [affinity].")
 @click.option(
     "--config",
@@ -112,6 +130,7 @@ def command(
     dataset,
     out,
     split,
+    dataset_name,
     head,
     config_file,
     preset,
@@ -158,6 +177,7 @@ def command(
     head_overrides.update(parse_sets(sets))
     cli_values = dict(
         split=split,
+        dataset_name=dataset_name,
         head=head,
         preset=preset,
         clip_checkpoint=clip_checkpoint,

@@ -15,8 +15,9 @@ import click
 @click.option(
     "--image-root",
     default=None,
-    help="Where the images are, instead of the dataset recorded in the cache: a dataset root, "
-    "a .jsonl manifest, or a plain folder of image files.",
+    help="Where the images are, instead of the dataset recorded in the cache (for a cache made "
+    "with `precompute --dataset NAME`, that benchmark's root, read with its reader): a dataset "
+    "root, a .jsonl manifest, or a plain folder of image files.",
 )
 @click.option(
     "--max-masks",
@@ -45,7 +46,9 @@ import click
     "gt",
     default=None,
     help="Draw the ground-truth segments from this COCO panoptic dataset root (the cache's split) "
-    "or panoptic JSON; with --pred, ground truth left and prediction right.",
+    "or panoptic JSON, or the benchmark root of a cache made with `precompute --dataset NAME` "
+    "(a semantic benchmark: one segment per class); with --pred, ground truth left and "
+    "prediction right.",
 )
 @click.option("--grid", is_flag=True, help="Tile several images (IMAGE_ID not given).")
 @click.option(

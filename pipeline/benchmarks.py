@@ -327,6 +327,43 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise SamcpError(f"{path}: cannot read the image header ({exc})") from None
 
 
+def semantic_to_panoptic(
+    labels: np.ndarray, num_classes: int, ignore_label: int, where: str = "label map"
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """A semantic label map as panoptic ground truth, the form training reads: one segment per
+    class present (segment id = class id + 1, ``iscrowd`` 0: a region, not instances), the
+    ignore label void (id 0).
+
+    Args:
+        labels: (H, W) class ids 0..K-1 and ``ignore_label``.
+        num_classes: K.
+        ignore_label: The benchmark's "no class" value.
+        where: Named in errors (the label file).
+
+    Returns:
+        ``(id_map, segments_info)``: (H, W) int32 segment ids and one COCO-panoptic dict per
+        present class (``id``, ``category_id``, ``iscrowd``, ``area``), in class-id order.
+
+    Raises:
+        SamcpError: a value that is neither a class id nor the ignore label.
+    """
+    lab = np.asarray(labels).astype(np.int64)
+    values, counts = np.unique(lab, return_counts=True)
+    bad = [int(v) for v in values if v != ignore_label and not 0 <= v < num_classes]
+    if bad:
+        raise SamcpError(
+            f"{where}: label {bad[0]} is neither a class id (0..{num_classes - 1}) nor the "
+            f"ignore label {ignore_label}; the label files do not belong to this benchmark"
+        )
+    id_map = np.where(lab == ignore_label, 0, lab + 1).astype(np.int32)
+    segments = [
+        {"id": int(v) + 1, "category_id": int(v), "iscrowd": 0, "area": int(n)}
+        for v, n in zip(values.tolist(), counts.tolist(), strict=True)
+        if v != ignore_label
+    ]
+    return id_map, segments
+
+
 @dataclass(frozen=True)
 class SemanticItem:
     """One image of a semantic benchmark: its id, file stem, image and label files."""
@@ -437,16 +474,53 @@ class SemanticBenchmark:
         """``image_id -> stem`` of the per-image PNGs (prediction and ground truth)."""
         return {it.image_id: it.stem for it in self.items}
 
+    @cached_property
+    def _by_id(self) -> dict[str, SemanticItem]:
+        return {it.image_id: it for it in self.items}
+
+    def _item(self, image_id: str) -> SemanticItem:
+        try:
+            return self._by_id[str(image_id)]
+        except KeyError:
+            raise KeyError(f"image id {image_id!r} is not in {self.label_dir}") from None
+
     def load_labels(self, image_id: str) -> np.ndarray:
         """The raw label map of an image (class ids, ``ignore_label`` where unlabelled)."""
-        item = next((it for it in self.items if it.image_id == str(image_id)), None)
-        if item is None:
-            raise KeyError(f"image id {image_id!r} is not in {self.label_dir}")
-        return read_label_map(item.label)
+        return read_label_map(self._item(image_id).label)
+
+    def load_panoptic(self, image_id: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """The image's labels as panoptic ground truth (:func:`semantic_to_panoptic`: one
+        segment per class present, not crowd; ignore pixels void), what `samcp train` reads.
+
+        Raises:
+            KeyError: not an image of this split.
+            SamcpError: the label file is unreadable, holds a value that is neither a class id
+                nor the ignore label, or is not of its image's size.
+        """
+        item = self._item(image_id)
+        labels = read_label_map(item.label)
+        h, w = _image_size(item.image)
+        if labels.shape != (h, w):
+            raise SamcpError(
+                f"{self.name}: {item.label} is {labels.shape[1]}x{labels.shape[0]} but its image "
+                f"{item.image} is {w}x{h}; the label folder does not match the images"
+            )
+        return semantic_to_panoptic(
+            labels, self.info.num_classes, self.ignore_label, str(item.label)
+        )
+
+    @cached_property
+    def labels_listing_sha256(self) -> str:
+        """sha256 of the label files' names and byte sizes, in name order: the identity of the
+        annotations that precompute records and train checks (cheap: no label file is read)."""
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(f"{it.label.name}\t{it.label.stat().st_size}\n".encode())
+        return h.hexdigest()
 
     def source_attrs(self) -> dict[str, Any]:
         """The cache's ``dataset_source`` for images of this benchmark."""
-        return _source_attrs(self, None)
+        return {**_source_attrs(self, None), "labels_listing_sha256": self.labels_listing_sha256}
 
 
 class PanopticBenchmark:
@@ -568,6 +642,34 @@ class PanopticBenchmark:
     def file_stems(self) -> dict[str, str]:
         """``image_id -> stem`` of the panoptic PNGs (predictions are written under these)."""
         return {str(a["image_id"]): Path(a["file_name"]).stem for a in self._gt.annotations}
+
+    @cached_property
+    def _annotations(self) -> dict[str, dict[str, Any]]:
+        return {str(a["image_id"]): a for a in self.ground_truth().annotations}
+
+    def load_panoptic(self, image_id: str) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """The panoptic ground truth of an image, what `samcp train` reads: ``(segment id map,
+        segments_info)`` with category ids the benchmark's class ids (Cityscapes: train ids).
+
+        Raises:
+            KeyError: the image has no annotation.
+            SamcpError: its PNG is missing, unreadable or not of the image's size.
+        """
+        from samcp.pipeline.evaluation.formats import read_panoptic_png
+
+        ann = self._annotations.get(str(image_id))
+        if ann is None:
+            raise KeyError(f"image id {image_id!r} has no annotation in {self.json_path}")
+        png = self.png_dir / ann["file_name"]
+        id_map = read_panoptic_png(png).astype(np.int32)
+        hw = self._gt.image_sizes.get(str(image_id)) if self._gt.image_sizes else None
+        if hw is not None and tuple(id_map.shape) != tuple(hw):
+            raise SamcpError(
+                f"{self.name}: {png} is {id_map.shape[1]}x{id_map.shape[0]} but image "
+                f"{image_id} is {hw[1]}x{hw[0]} in {self.json_path}; re-run the preparation "
+                f"({self.info.prepare})"
+            )
+        return id_map, list(ann["segments_info"])
 
     def _cityscapes_label_file(self, image_id: str) -> Path:
         city = image_id.split("_")[0]
@@ -714,3 +816,64 @@ def cache_benchmark(cache_attrs: dict) -> PanopticBenchmark | SemanticBenchmark 
         return open_benchmark(src["benchmark"], src["path"], src.get("split") or "val")
     except SamcpError:
         return None
+
+
+def cache_source_name(cache_attrs: dict) -> str | None:
+    """The benchmark a cache's images come from: ``dataset_source.benchmark``, ``coco_panoptic``
+    for a cache made from a COCO-layout root without ``--dataset``, None for a manifest (or a
+    cache that records no source)."""
+    src = cache_attrs.get("dataset_source") or {}
+    if src.get("benchmark"):
+        return str(src["benchmark"])
+    kind = src.get("kind") or (
+        "manifest" if str(src.get("path", "")).endswith(".jsonl") else "coco_panoptic"
+    )
+    return "coco_panoptic" if src and kind == "coco_panoptic" else None
+
+
+def check_benchmark_source(
+    cache_attrs: dict,
+    cache: str,
+    bench: PanopticBenchmark | SemanticBenchmark,
+    *,
+    allow_other: bool = False,
+    option: str = "--dataset",
+) -> None:
+    """Refuses a cache recorded as made from another benchmark, or (semantic benchmarks) from
+    other label files, than ``bench``.
+
+    The panoptic benchmarks' identity (the sha256 of their JSON) and the image sizes are
+    :func:`samcp.pipeline.cache.check_cache_source`'s; this adds what it cannot see: the
+    benchmark's name, and for a semantic benchmark the ``labels_listing_sha256`` precompute
+    records (caches made before it was recorded: the dataset folder and split).
+
+    Raises:
+        SamcpError: a mismatch, naming both sides and ``--allow-other-dataset``.
+    """
+    if allow_other:
+        return
+    src = cache_attrs.get("dataset_source") or {}
+    recorded = cache_source_name(cache_attrs)
+    override = "--allow-other-dataset"
+    if recorded is not None and recorded != bench.name:
+        raise SamcpError(
+            f"cache {cache} was made from {recorded} ({src.get('path')}), not from {bench.name}; "
+            f"pass a cache of {bench.name}, or {override} if its images are {bench.name}'s"
+        )
+    if bench.task != "semantic" or not src:
+        return
+    sha = src.get("labels_listing_sha256")
+    if sha is not None:
+        same = sha == bench.labels_listing_sha256
+    else:  # caches written before the listing was recorded
+        same = (
+            Path(str(src.get("path", ""))).absolute() == Path(bench.root).absolute()
+            and src.get("split") == bench.split
+        )
+    if not same:
+        raise SamcpError(
+            f"cache {cache} was made from {bench.name} at {src.get('path')} (split "
+            f"{src.get('split')}), not from the label files in {bench.label_dir} given by "
+            f"{option} (their listing differs); pass the dataset the cache was made from, or "
+            f"{override} if these are the same images (moved, or labels rewritten)"
+        )

@@ -53,9 +53,17 @@ class TrainConfig:
     """A training run.
 
     cache: proposal cache of the training images (with CLIP features).
-    dataset: COCO-panoptic dataset root with the training annotations.
+    dataset: the dataset root with the training annotations: a COCO panoptic root, or, for a
+        cache made with ``precompute --dataset NAME``, that benchmark's root in its prepared layout
+        (samcp.pipeline.benchmarks), read with the benchmark's reader.
     out: run folder.
-    split: annotation split of the cached images.
+    split: annotation split of the cached images; None: the split a benchmark cache records, else
+        train2017.
+    dataset_name: the benchmark whose ground truth ``dataset`` holds (a name of
+        ``samcp.pipeline.benchmarks.benchmark_names()``); None: the one the cache records
+        (``dataset_source.benchmark``), else the COCO panoptic layout. Semantic benchmarks
+        (COCO-Stuff, ...) give one segment per class present in a label map (a region, not
+        crowd), the ignore label void; panoptic ones their panoptic PNGs.
     head: a registered head (``samcp.models.registry.list_heads()``).
     preset: "default" or "tiny" head config before ``head_overrides``.
     head_overrides: head config fields to change (YAML / --set key=value).
@@ -91,7 +99,8 @@ class TrainConfig:
     cache: str
     dataset: str
     out: str
-    split: str = "train2017"
+    split: str | None = None
+    dataset_name: str | None = None
     head: str = "affinity"
     preset: str = "default"
     head_overrides: dict = field(default_factory=dict)
@@ -147,6 +156,11 @@ class TrainConfig:
                 f"unknown head {self.head!r}; use --head with one of: {', '.join(list_heads())}"
             )
 
+        if self.dataset_name is not None:
+            from samcp.pipeline.benchmarks import get_benchmark
+
+            get_benchmark(self.dataset_name)  # names the known benchmarks when unknown
+
         def unset_or(value, ok) -> bool:
             return value is None or ok(value)
 
@@ -186,7 +200,8 @@ _FIELD_TYPES: dict[str, Any] = {
     "cache": str,
     "dataset": str,
     "out": str,
-    "split": str,
+    "split": (str, type(None)),
+    "dataset_name": (str, type(None)),
     "head": str,
     "preset": str,
     "templates": str,
@@ -296,16 +311,110 @@ def default_sources(cfg: TrainConfig) -> dict[str, str]:
     return out
 
 
+@dataclass
+class TrainingData:
+    """The dataset a run reads its ground truth from (:func:`open_training_dataset`).
+
+    dataset: ``records``, ``categories`` and ``load_panoptic(image_id) -> (id_map,
+        segments_info)``: a CocoPanopticDataset, or a benchmark of samcp.pipeline.benchmarks.
+    annotations: what identifies its annotations (a panoptic JSON; a semantic benchmark's label
+        folder), named in messages.
+    split: the split read.
+    name: the benchmark's name; None for a COCO panoptic root read without one.
+    vocabulary: the vocabulary of every class when no ``--classes`` is given (a benchmark's
+        builtin one, names and synonyms, as ``predict --dataset NAME`` uses); None: the dataset's
+        category names.
+    """
+
+    dataset: Any
+    annotations: Path
+    split: str
+    name: str | None = None
+    vocabulary: Vocabulary | None = None
+
+
+def open_training_dataset(cfg: TrainConfig, reader: CacheReader) -> TrainingData:
+    """Opens ``cfg.dataset`` with the reader of the benchmark the cache was made from.
+
+    The benchmark is ``cfg.dataset_name``, else the cache's ``dataset_source.benchmark``
+    (``precompute --dataset NAME``); without either (a cache made from a COCO-layout root or a
+    manifest) ``cfg.dataset`` is a COCO panoptic root, as always. The split is ``cfg.split``,
+    else the one a benchmark cache records, else train2017. The cache's benchmark must be the one
+    read and, for a semantic benchmark, its label files the recorded ones
+    (:func:`samcp.pipeline.benchmarks.check_benchmark_source`; ``allow_other_dataset`` skips
+    it); the JSON identity and image sizes are checked by the caller
+    (:func:`samcp.pipeline.cache.check_cache_source`).
+
+    Raises:
+        SamcpError: an unknown benchmark, a root without the benchmark's layout, or a cache made
+            from another benchmark or other labels.
+    """
+    from samcp.pipeline.benchmarks import (
+        _dataset_dir,
+        cache_source_name,
+        check_benchmark_source,
+        get_benchmark,
+        open_benchmark,
+    )
+    from samcp.pipeline.datasets import CocoPanopticDataset
+
+    src = reader.attrs.get("dataset_source") or {}
+    name = cfg.dataset_name or src.get("benchmark") or None
+    if name is not None:
+        get_benchmark(name)  # an unknown name fails here, naming the known ones
+    recorded = cache_source_name(reader.attrs)
+    if recorded is not None and recorded != (name or "coco_panoptic"):
+        if not cfg.allow_other_dataset:
+            what = f"--dataset-name {name}" if name else "a COCO panoptic root (no benchmark)"
+            raise SamcpError(
+                f"cache {cfg.cache} was made from {recorded} ({src.get('path')}), not from "
+                f"{name or 'COCO panoptic'} ({what}); train on a cache of it, or drop "
+                "--dataset-name to read --dataset as the cache's benchmark, or "
+                "--allow-other-dataset if the images are the same"
+            )
+    root = Path(cfg.dataset)
+    if name is None or name == "coco_panoptic":
+        # The COCO panoptic layout, read as always (a datasets root holding coco/ is accepted
+        # for a cache made with --dataset coco_panoptic).
+        split = cfg.split or (src.get("split") if name else None) or "train2017"
+        if name is not None:
+            root = _dataset_dir(root.absolute(), "coco", ("annotations",))
+        dataset = CocoPanopticDataset(root, split)
+        return TrainingData(dataset, dataset.json_path, split, name)
+    split = cfg.split or (src.get("split") if recorded is not None else None) or "train"
+    bench = open_benchmark(name, root, split)
+    check_benchmark_source(reader.attrs, cfg.cache, bench, allow_other=cfg.allow_other_dataset)
+    annotations = bench.json_path if bench.task == "panoptic" else bench.label_dir
+    return TrainingData(bench, annotations, bench.split, name, _builtin_vocabulary(name, bench))
+
+
+def _builtin_vocabulary(name: str, bench) -> Vocabulary | None:
+    """The builtin vocabulary ``name`` when its ids are exactly the benchmark's class ids."""
+    from samcp.pipeline.vocab import builtin_vocabularies, read_vocabulary
+
+    if name not in builtin_vocabularies():
+        return None
+    vocab = read_vocabulary(name)
+    ids = sorted(int(c["id"]) for c in bench.categories)
+    return vocab if sorted(vocab.ids) == ids else None
+
+
 def training_classes(
-    categories: list[dict], class_file: str | None, dataset_json: str | Path
+    categories: list[dict],
+    class_file: str | None,
+    dataset_json: str | Path,
+    default_vocabulary: Vocabulary | None = None,
 ) -> tuple[ClassSpace, Vocabulary]:
     """The run's classes and the vocabulary their text embeddings are made from.
 
     Args:
-        categories: The dataset's categories (its panoptic JSON's list).
+        categories: The dataset's categories (its panoptic JSON's list; a benchmark's classes).
         class_file: FC-CLIP class file (or builtin vocabulary name) of the training classes, in
-            class-index order; None for every dataset category (named by the dataset).
-        dataset_json: The dataset's panoptic JSON, named in messages.
+            class-index order; None for every dataset category (named by the dataset, or by
+            ``default_vocabulary``).
+        dataset_json: The dataset's annotations (panoptic JSON, label folder), named in messages.
+        default_vocabulary: The names (and synonyms) of every category when ``class_file`` is
+            None, in any order (a benchmark's builtin vocabulary); None: the categories' names.
 
     Returns:
         ``(classes, vocabulary)``: the classes, with the dataset's other categories void, and
@@ -318,6 +427,16 @@ def training_classes(
     from samcp.pipeline.vocab import read_vocabulary, vocabulary_from_dataset
 
     if class_file is None:
+        if default_vocabulary is not None:
+            # in class-index order: the text embeddings' rows are the classes'
+            pos = {int(cid): i for i, cid in enumerate(default_vocabulary.ids)}
+            order = [pos[int(c["id"])] for c in categories]
+            vocab = replace(
+                default_vocabulary,
+                ids=tuple(default_vocabulary.ids[i] for i in order),
+                names=tuple(default_vocabulary.names[i] for i in order),
+            )
+            return ClassSpace(categories), vocab
         return ClassSpace(categories), vocabulary_from_dataset(categories)
     vocab = read_vocabulary(class_file)
     by_id = {int(c["id"]): c for c in categories}
@@ -481,7 +600,6 @@ def _train(
 ) -> dict:
     from samcp.models.registry import build_head, get_head, save_head
     from samcp.pipeline.cache import check_cache_complete, check_cache_source
-    from samcp.pipeline.datasets import CocoPanopticDataset
     from samcp.pipeline.vocab import class_text_embeddings
 
     # Everything that can be refused is checked before the run folder is touched.
@@ -491,14 +609,18 @@ def _train(
     note = check_cache_complete(reader, cfg.allow_incomplete)
     if note and dist.main:
         print(f"warning: {note}; training on the {len(reader)} cached images", file=sys.stderr)
-    dataset = CocoPanopticDataset(Path(cfg.dataset), cfg.split)
+    data = open_training_dataset(cfg, reader)
+    dataset = data.dataset
+    cfg = replace(cfg, split=data.split, dataset_name=data.name)
     check_cache_source(
         reader,
-        dataset.json_path,
+        data.annotations,
         {r.image_id: (r.height, r.width) for r in dataset.records},
         allow_other=cfg.allow_other_dataset,
     )
-    classes, vocab = training_classes(dataset.categories, cfg.classes, dataset.json_path)
+    classes, vocab = training_classes(
+        dataset.categories, cfg.classes, data.annotations, data.vocabulary
+    )
     head_cfg = head_config_for_cache(cfg, reader)
     plugin = get_head(cfg.head)
     sampler = (sampler_cls or CacheSampler)(reader, dataset, classes, head_cfg, cfg)

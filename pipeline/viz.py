@@ -166,24 +166,34 @@ def find_image(
 ) -> tuple[np.ndarray | None, str]:
     """Loads the pixels of a cached image.
 
-    The image is looked up in the cache's ``dataset_source`` (a COCO-layout root and split, or a
-    JSONL manifest). ``image_root`` overrides that: another dataset root or manifest (same split),
-    or a plain folder holding the file under its original name, its id, or COCO's 12-digit name.
+    The image is looked up in the cache's ``dataset_source``: a COCO-layout root and split, a
+    JSONL manifest, or the root of the benchmark a cache made with ``precompute --dataset NAME``
+    records (read with that benchmark's reader). ``image_root`` overrides that: another dataset
+    root (of the cache's benchmark, for a benchmark cache) or manifest (same split), or a plain
+    folder holding the file under its original name, its id, or COCO's 12-digit name.
 
     Returns:
         ``(pixels, "")``, or ``(None, what was tried)`` when no matching file was found.
     """
     src = reader.attrs.get("dataset_source") or {}
-    split = src.get("split") or "val2017"
+    benchmark = src.get("benchmark") or None
+    split = src.get("split") or ("val" if benchmark else "val2017")
     tried: list[str] = []
-    original = _lookup(src["path"], split, row.image_id, tried) if src.get("path") else None
+    original = (
+        _lookup(src["path"], split, row.image_id, tried, benchmark) if src.get("path") else None
+    )
     candidates: list[Path] = []
     if image_root is None:
         if original is not None:
             candidates.append(Path(original))
     else:
         root = Path(image_root)
-        if root.suffix == ".jsonl" or (root / "annotations").is_dir():
+        found = None
+        if benchmark is not None and root.is_dir():
+            found = _lookup(str(root), split, row.image_id, [], benchmark)
+        if found is not None:
+            candidates.append(Path(found))
+        elif root.suffix == ".jsonl" or (root / "annotations").is_dir():
             found = _lookup(str(root), split, row.image_id, tried)
             if found is not None:
                 candidates.append(Path(found))
@@ -216,22 +226,33 @@ def find_image(
     return None, "; ".join(tried)
 
 
-def _lookup(path: str, split: str, image_id: str, tried: list[str]) -> str | None:
-    """The file name of ``image_id`` in a dataset source, or None (saying why in ``tried``)."""
+def _lookup(
+    path: str, split: str, image_id: str, tried: list[str], benchmark: str | None = None
+) -> str | None:
+    """The file name of ``image_id`` in a dataset source (a benchmark's root when ``benchmark``
+    is given), or None (saying why in ``tried``)."""
     try:
-        index = _file_names(str(path), split)
+        index = _file_names(str(path), split, benchmark)
     except (SamcpError, OSError, ValueError) as exc:
         tried.append(str(exc))
         return None
     if image_id not in index:
-        tried.append(f"{path} [{split}] does not list image {image_id}")
+        what = f"{benchmark} at {path}" if benchmark else str(path)
+        tried.append(f"{what} [{split}] does not list image {image_id}")
         return None
     return index[image_id]
 
 
 @functools.lru_cache(maxsize=4)
-def _file_names(path: str, split: str) -> dict[str, str]:
+def _file_names(path: str, split: str, benchmark: str | None = None) -> dict[str, str]:
     # Parsed once per process: a grid of images from COCO train would otherwise re-read its JSON.
+    if benchmark is not None:
+        from samcp.pipeline.benchmarks import open_benchmark
+
+        bench = open_benchmark(benchmark, path, split)
+        if hasattr(bench, "items"):  # semantic: no need to read every image's header
+            return {it.image_id: str(it.image) for it in bench.items}
+        return {r.image_id: r.file_name for r in bench.records}
     return {r.image_id: r.file_name for r in open_image_source(path, split)}
 
 
@@ -489,21 +510,41 @@ def prediction_segments(
 
 
 def ground_truth_segments(
-    gt: str | Path, image_id: str, split: str = "val2017"
+    gt: str | Path, image_id: str, split: str = "val2017", benchmark: str | None = None
 ) -> tuple[Segments, dict[int, str]]:
     """The ground-truth segments of one image and the dataset's class names by category id.
 
     Args:
         gt: a COCO panoptic dataset root (annotations/panoptic_<split>.json) or a panoptic JSON
-            file whose PNGs are in the folder of the same name.
+            file whose PNGs are in the folder of the same name; with ``benchmark``, that
+            benchmark's root.
         image_id: the image's id (compared as a string).
         split: the split, when ``gt`` is a dataset root.
+        benchmark: read ``gt`` with this benchmark's reader (samcp.pipeline.benchmarks): its
+            panoptic segments, or for a semantic benchmark one segment per class present.
 
     Raises:
         SamcpError: the ground truth cannot be read or does not annotate the image.
     """
     from samcp.pipeline.evaluation.formats import load_ground_truth, resolve_ground_truth
 
+    if benchmark is not None and benchmark != "coco_panoptic":
+        from samcp.pipeline.benchmarks import open_benchmark
+
+        bench = open_benchmark(benchmark, gt, split)
+        names = {int(c["id"]): str(c["name"]) for c in bench.categories}
+        try:
+            ids, segments_info = bench.load_panoptic(str(image_id))
+        except KeyError:
+            raise SamcpError(f"image {image_id} is not annotated in {benchmark} at {gt}") from None
+        segs = [s for s in segments_info if (ids == int(s["id"])).any()]
+        masks = (
+            np.stack([ids == int(s["id"]) for s in segs])
+            if segs
+            else np.zeros((0, *ids.shape), bool)
+        )
+        labels = [names.get(int(s["category_id"]), str(s["category_id"])) for s in segs]
+        return Segments(masks, labels), names
     json_path, png_dir = resolve_ground_truth(Path(gt), split)
     truth = load_ground_truth(json_path, png_dir)
     names = {c.id: c.name for c in truth.categories}
@@ -589,7 +630,8 @@ def render_cached_segments(
         cache: the cache the image was precomputed into (it says where the pixels are).
         image_id: the image's id.
         pred_dir: a prediction folder.
-        gt: a COCO panoptic dataset root or panoptic JSON file.
+        gt: a COCO panoptic dataset root or panoptic JSON file; for a cache made with
+            ``precompute --dataset NAME``, that benchmark's root (read with its reader).
         image_root: where to find the image instead of the cache's ``dataset_source``.
         alpha: fill opacity.
         outline: draw segment boundaries.
@@ -606,8 +648,12 @@ def render_cached_segments(
     panels, captions, drawn = [], [], 0
     names: dict[int, str] = {}
     if gt is not None:
-        src_split = (reader.attrs.get("dataset_source") or {}).get("split")
-        gt_segs, names = ground_truth_segments(gt, row.image_id, split or src_split or "val2017")
+        src = reader.attrs.get("dataset_source") or {}
+        benchmark = src.get("benchmark") or None
+        default_split = "val" if benchmark else "val2017"
+        gt_segs, names = ground_truth_segments(
+            gt, row.image_id, split or src.get("split") or default_split, benchmark
+        )
         panels.append(render_segments(image, gt_segs, alpha, outline))
         captions.append(f"ground truth: {len(gt_segs.labels)} segments")
         drawn += len(gt_segs.labels)

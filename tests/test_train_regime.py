@@ -191,7 +191,7 @@ def _sampler(setup, tmp_path, **kw) -> CacheSampler:
 
     cfg = _cfg(setup, tmp_path / "unused", steps=4, **kw)
     reader = CacheReader(cfg.cache)
-    dataset = CocoPanopticDataset(Path(cfg.dataset), cfg.split)
+    dataset = CocoPanopticDataset(Path(cfg.dataset), cfg.split or "train2017")
     return CacheSampler(
         reader, dataset, ClassSpace(dataset.categories), head_config_for_cache(cfg, reader), cfg
     )

@@ -7,8 +7,8 @@ numbers do not depend on the number of workers.
 
 from __future__ import annotations
 
-import multiprocessing
 import json
+import multiprocessing
 import os
 import sys
 from collections.abc import Iterator, Sequence
