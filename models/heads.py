@@ -290,6 +290,13 @@ class Head:
         nothing more. Raise ValueError naming the precompute step when the cache lacks them.
         Default: nothing."""
 
+    def param_groups(self, module: nn.Module, config: Any, lr: float) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups (``torch.optim`` format) for base learning rate
+        ``lr``: a head whose paper trains some parts slower (ESC-Net's SAM blocks) gives those a
+        group with its own ``"lr"``. Keep the order fixed (optimiser state is saved by group).
+        Default: one group of every parameter, i.e. ``module.parameters()``."""
+        return [{"params": list(module.parameters())}]
+
     def criterion(self, config: Any) -> nn.Module:
         """A module ``(outputs, samples) -> {"loss": total, other named terms}``."""
         raise NotImplementedError

@@ -637,7 +637,9 @@ def _train(
         raise SamcpError(f"cache {cfg.cache}: {exc}") from None
     model = model.to(device)
     criterion = plugin.criterion(head_cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The head's parameter groups (e.g. a slower learning rate for pre-trained SAM blocks).
+    groups = plugin.param_groups(model, head_cfg, cfg.lr)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     milestones = lr_milestones(cfg.lr_drop, cfg.steps)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     if dist.main:  # one training per run folder at a time; released when the run ends
