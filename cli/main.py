@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "predict",
     "inspect",
     "viz",
+    "segment",
 ]
 
 

@@ -40,6 +40,7 @@ BUILTIN_HEAD_MODULES = (
     "samcp.models.affinity.plugin",
     "samcp.models.possam.plugin",
     "samcp.models.costagg.plugin",
+    "samcp.models.ovsam.plugin",
 )
 ENTRY_POINT_GROUP = "samcp.heads"
 
