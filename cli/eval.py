@@ -110,6 +110,14 @@ from samcp.pipeline.errors import SamcpError
     type=click.Path(path_type=Path),
     help="Write all numbers to this JSON file.",
 )
+@click.option(
+    "--prompts",
+    type=click.Choice(["gt-boxes", "gt-points"]),
+    default=None,
+    help="With --run RUN --cache CACHE of a prompted head (clip2sam): prompt it with every "
+    "ground-truth segment's box or centre point and report mask mIoU and class accuracy, all / "
+    "seen / unseen (Open-Vocabulary SAM's table 1), instead of PQ.",
+)
 @click.option("--per-class", is_flag=True, help="Add per-class results to the table and JSON.")
 @click.option(
     "--semantic-rule",
@@ -145,6 +153,7 @@ def command(
     oracle_threshold: float,
     oracle_out: Path | None,
     json_out: Path | None,
+    prompts: str | None,
     per_class: bool,
     semantic_rule: str,
     workers: int | None,
@@ -182,6 +191,33 @@ def command(
     # Destinations are checked before any work, so a typo does not cost a whole evaluation.
     if json_out is not None:
         check_out_file(json_out, "--json")
+    if prompts is not None:
+        if run_dir is None:
+            raise SamcpError("--prompts goes with --run RUN --cache CACHE (a clip2sam run)")
+        if dataset is not None or seen is not None or oracle_out is not None:
+            raise SamcpError(
+                "--prompts reports seen/unseen by the run's training classes and reads a COCO "
+                "panoptic --gt; drop --dataset, --seen-classes and --oracle-out"
+            )
+        from samcp.pipeline.segment import evaluate_prompts
+
+        # --kappa sets CLIP's weight on every class (alpha = beta); default: the run's 0.1 / 0.9
+        weights = {} if kappa is None else {"alpha": kappa, "beta": kappa}
+        result = evaluate_prompts(
+            run_dir,
+            run_cache,
+            gt_path or _cache_source(run_cache)[0],
+            prompts,
+            split=split,
+            vocabulary=vocabulary,
+            clip_checkpoint=clip_checkpoint,
+            device=device,
+            **weights,
+        )
+        click.echo(result.table())
+        if json_out is not None:
+            write_json_atomic(json_out, result.to_dict())
+        return
     if oracle_out is not None:
         prepare_output_dir(oracle_out, "oracle", reuse=True, option="--oracle-out")
     workers = workers or os.cpu_count() or 1

@@ -149,3 +149,25 @@ def test_prompted_evaluation_refuses_other_heads_and_modes(prompted):
 
     with pytest.raises(SamcpError, match="gt-boxes, gt-points"):
         evaluate_prompts(prompted["run"], prompted["cache"], prompted["data"], "gt-masks")
+
+
+def test_eval_prompts_on_the_command_line(prompted, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from samcp.cli.main import cli
+
+    out = tmp_path / "prompts.json"
+    args = ["eval", "--run", str(prompted["run"]), "--cache", str(prompted["cache"])]
+    args += ["--gt", str(prompted["data"]), "--split", "val2017", "--device", "cpu"]
+    args += ["--vocabulary", str(prompted["data"] / "classes.txt")]
+    args += ["--clip-checkpoint", str(prompted["clip"])]
+    res = CliRunner().invoke(cli, [*args, "--prompts", "gt-points", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "prompted evaluation (gt-points, 3 images)" in res.output
+    data = json.loads(out.read_text())
+    assert data["mode"] == "gt-points" and data["groups"]["all"]["prompts"] > 0
+    # --prompts without a run is refused with one line naming the fix.
+    bad = CliRunner().invoke(cli, ["eval", "--pred", str(tmp_path), "--prompts", "gt-boxes"])
+    assert bad.exit_code != 0 and "--prompts goes with --run" in str(bad.exception)
