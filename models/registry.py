@@ -41,6 +41,7 @@ BUILTIN_HEAD_MODULES = (
     "samcp.models.possam.plugin",
     "samcp.models.costagg.plugin",
     "samcp.models.ovsam.plugin",
+    "samcp.models.sam_mi.plugin",
 )
 ENTRY_POINT_GROUP = "samcp.heads"
 
