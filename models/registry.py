@@ -42,6 +42,7 @@ BUILTIN_HEAD_MODULES = (
     "samcp.models.costagg.plugin",
     "samcp.models.ovsam.plugin",
     "samcp.models.sam_mi.plugin",
+    "samcp.models.esc_net.plugin",
 )
 ENTRY_POINT_GROUP = "samcp.heads"
 
