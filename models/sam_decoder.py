@@ -33,6 +33,7 @@ Models whose decoder does not have segment_anything's structure fall back to
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -383,3 +384,120 @@ def _decode_chunk(md, tokens, x0, pos, x0_pos, kv0, qi0, h, w, masks_out) -> tor
     )
     _upscale_and_predict(md, keys, hyper, h, w, masks_out)
     return md.iou_prediction_head(hs[:, 0])[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# SAM's prompt encoder + mask decoder for the heads that run them online (SAM-MI, OVSAM's CLIP2SAM,
+# ESC-Net): one table of sizes, one builder, one checkpoint reader.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamDecoderSize:
+    """The prompt encoder's and mask decoder's sizes of a SAM architecture (the arguments
+    segment_anything's ``_build_sam`` gives them).
+
+    Attributes:
+        dim: prompt_embed_dim (the image embedding's channels).
+        mlp_dim: the two-way transformer's MLP width.
+        heads: its attention heads.
+        iou_hidden: the IoU head's hidden width.
+        image_size: SAM's input side (the embedding grid is image_size / 16).
+    """
+
+    dim: int
+    mlp_dim: int
+    heads: int
+    iou_hidden: int
+    image_size: int
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // 16
+
+
+#: Decoder sizes per SAM architecture: segment_anything's vit_h/l/b, and samcp's test-size
+#: vit_tiny (the real decoder on a tiny encoder) and vit_test (samcp.pipeline.foundation.SAM_ARCHS;
+#: tests/test_sam_decoder.py checks they agree).
+SAM_DECODER_SIZES: dict[str, SamDecoderSize] = {
+    "vit_h": SamDecoderSize(256, 2048, 8, 256, 1024),
+    "vit_l": SamDecoderSize(256, 2048, 8, 256, 1024),
+    "vit_b": SamDecoderSize(256, 2048, 8, 256, 1024),
+    "vit_tiny": SamDecoderSize(256, 2048, 8, 256, 1024),
+    "vit_test": SamDecoderSize(32, 64, 2, 32, 256),
+}
+
+
+def build_prompt_decoder(size: SamDecoderSize) -> tuple[nn.Module, nn.Module]:
+    """A randomly initialised (PromptEncoder, MaskDecoder) of segment_anything's own classes."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    g, s, c = size.grid, size.image_size, size.dim
+    pe = PromptEncoder(
+        embed_dim=c, image_embedding_size=(g, g), input_image_size=(s, s), mask_in_chans=16
+    )
+    md = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(
+            depth=2, embedding_dim=c, mlp_dim=size.mlp_dim, num_heads=size.heads
+        ),
+        transformer_dim=c,
+        iou_head_depth=3,
+        iou_head_hidden_dim=size.iou_hidden,
+    )
+    return pe, md
+
+
+def sam_checkpoint_state(path: str, arch: str, owner: str, fix: str) -> dict[str, torch.Tensor]:
+    """The ``prompt_encoder.*`` and ``mask_decoder.*`` weights of a segment_anything checkpoint.
+
+    vit_b / vit_l / vit_h go through ``segment_anything.sam_model_registry[arch](checkpoint=)``,
+    which checks the whole file against the architecture; samcp's test-size archs are read as the
+    state dict the file is (as samcp.pipeline.foundation.load_sam does).
+
+    Args:
+        path: the checkpoint.
+        arch: its architecture.
+        owner: the head asking, named in errors (``"sam_mi"``).
+        fix: what to pass instead, named in the not-found error.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file does not hold a SAM of ``arch``.
+    """
+    import errno
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            errno.ENOENT, f"SAM checkpoint not found ({owner} sam_checkpoint; {fix})", path
+        )
+    from segment_anything import sam_model_registry
+
+    if arch in sam_model_registry and arch != "default":
+        try:
+            sam = sam_model_registry[arch](checkpoint=path)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:120]
+            raise ValueError(
+                f"SAM checkpoint {path} does not fit sam_arch {arch} ({first})"
+            ) from None
+        state = {f"prompt_encoder.{k}": v for k, v in sam.prompt_encoder.state_dict().items()}
+        state.update({f"mask_decoder.{k}": v for k, v in sam.mask_decoder.state_dict().items()})
+        return state
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
+
+
+def load_state_part(module: nn.Module, state: dict, prefix: str, arch: str) -> None:
+    """``module.load_state_dict`` (strict) of the ``prefix`` entries of ``state``; a mismatch is
+    a ValueError naming the part and the fix."""
+    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        module.load_state_dict(sub, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:120]
+        raise ValueError(
+            f"the SAM checkpoint's {prefix.rstrip('.')} does not fit sam_arch {arch} ({first}); "
+            "set sam_arch to the checkpoint's architecture"
+        ) from None

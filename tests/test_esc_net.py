@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from samcp.models.esc_net import (
-    SAM_DECODER_DIMS,
     EscNetConfig,
     build_esc_net,
     encode_prompts,
@@ -35,7 +34,10 @@ def tiny(**kw) -> EscNetConfig:
 
 
 def vit_tiny(path, **kw) -> EscNetConfig:
-    dim, mlp, heads, size = SAM_DECODER_DIMS["vit_tiny"]
+    from samcp.models.sam_decoder import SAM_DECODER_SIZES
+
+    d = SAM_DECODER_SIZES["vit_tiny"]
+    dim, mlp, heads, size = d.dim, d.mlp_dim, d.heads, d.image_size
     params = dict(
         sam_arch="vit_tiny",
         sam_blocks="pretrained",
@@ -302,16 +304,6 @@ def test_configure_takes_sams_sizes_and_asks_for_a_checkpoint(tmp_path):
     cfg = vit_tiny(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="SAM checkpoint not found"):
         head.init_from_cache(build_esc_net(cfg), cfg, cache_info())
-
-
-def test_sam_sizes_agree_with_the_pipelines_sam_architectures():
-    from samcp.pipeline.foundation import SAM_ARCHS
-
-    for arch, (dim, mlp, heads, size) in SAM_DECODER_DIMS.items():
-        a = SAM_ARCHS[arch]
-        assert (a.prompt_embed_dim, a.decoder_mlp_dim, a.decoder_num_heads, a.image_size) == (
-            dim, mlp, heads, size
-        )  # fmt: skip
 
 
 def test_configs_are_valid_and_round_trip():

@@ -18,7 +18,7 @@ from samcp.models.ovsam import (
     ground_truth_prompts,
     sample_training_prompts,
 )
-from samcp.models.ovsam.clip2sam import SAM_DECODER_DIMS, mask_boxes, roi_levels
+from samcp.models.ovsam.clip2sam import mask_boxes, roi_levels
 from samcp.models.ovsam.plugin import collate_clip2sam, make_clip2sam_sample
 from samcp.models.registry import get_head
 
@@ -302,14 +302,6 @@ def test_configure_names_the_precompute_flags():
             head.configure({**d, "clip_levels": ["clip_res2"]}, _cache())
     with pytest.raises(ValueError, match="sam_arch"):  # vit_h's decoder on a vit_test cache
         get_head("clip2sam").configure({"sam_arch": "vit_h"}, _cache())
-
-
-def test_decoder_sizes_mirror_samcp_sam_architectures():
-    from samcp.pipeline.foundation import SAM_ARCHS
-
-    for name, a in SAM_ARCHS.items():
-        want = (a.prompt_embed_dim, a.decoder_mlp_dim, a.decoder_num_heads, a.iou_head_hidden_dim)
-        assert SAM_DECODER_DIMS[name] == (*want, a.image_size)
 
 
 def test_prompts_from_user_order_boxes_then_points():

@@ -199,3 +199,42 @@ def test_unsupported_structure_falls_back_to_reference():
     sam = tiny_sam()
     sam.mask_decoder.__class__ = CustomDecoder  # a subclass may override forward: don't guess
     assert not _fast_supported(sam)
+
+
+def test_the_heads_sam_decoder_sizes_agree_with_the_pipelines_sam_architectures():
+    from samcp.models.sam_decoder import SAM_DECODER_SIZES, build_prompt_decoder
+    from samcp.pipeline.foundation import SAM_ARCHS
+
+    assert set(SAM_DECODER_SIZES) == set(SAM_ARCHS)
+    for arch, d in SAM_DECODER_SIZES.items():
+        a = SAM_ARCHS[arch]
+        want = (a.prompt_embed_dim, a.decoder_mlp_dim, a.decoder_num_heads, a.iou_head_hidden_dim)
+        assert (*want, a.image_size) == (d.dim, d.mlp_dim, d.heads, d.iou_hidden, d.image_size)
+    pe, md = build_prompt_decoder(SAM_DECODER_SIZES["vit_test"])
+    assert tuple(pe.image_embedding_size) == (16, 16) and md.transformer_dim == 32
+
+
+def test_sam_checkpoint_state_names_what_is_missing_and_what_does_not_fit(tmp_path):
+    import pytest
+    import torch
+
+    from samcp.models.sam_decoder import (
+        SAM_DECODER_SIZES,
+        build_prompt_decoder,
+        load_state_part,
+        sam_checkpoint_state,
+    )
+    from samcp.pipeline.foundation import make_random_sam_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="sam_mi sam_checkpoint; pass it"):
+        sam_checkpoint_state(str(tmp_path / "none.pth"), "vit_test", "sam_mi", "pass it")
+    path = make_random_sam_checkpoint(tmp_path / "sam.pth", "vit_test")
+    state = sam_checkpoint_state(str(path), "vit_test", "x", "y")
+    assert state and all(k.startswith(("prompt_encoder.", "mask_decoder.")) for k in state)
+    pe, md = build_prompt_decoder(SAM_DECODER_SIZES["vit_test"])
+    load_state_part(md, state, "mask_decoder.", "vit_test")
+    want = torch.load(path, map_location="cpu", weights_only=True)["mask_decoder.iou_token.weight"]
+    torch.testing.assert_close(md.iou_token.weight, want)
+    _, big = build_prompt_decoder(SAM_DECODER_SIZES["vit_tiny"])
+    with pytest.raises(ValueError, match="mask_decoder does not fit sam_arch vit_tiny"):
+        load_state_part(big, state, "mask_decoder.", "vit_tiny")

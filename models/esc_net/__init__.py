@@ -5,26 +5,24 @@ Public API:
     EscNetConfig                      the frozen config (a CostAggConfig plus ESC-Net's fields)
     EscNet, build_esc_net             the torch module (costagg's forward signature and output)
     SamPromptedBlock, two_way_blocks  an ESC block's SAM side; SAM's two-way blocks
-    encode_prompts, sam_decoder_state PPG + SAM's prompt encoder; SAM weights from a checkpoint
+    encode_prompts                    PPG + SAM's prompt encoder (SAM weights: samcp.models.sam_decoder)
     PseudoPrompts, pseudo_prompts, kmeans_regions, class_log_probs   the pseudo prompt generator
 
 The plugin (``samcp.models.esc_net.plugin.EscNetPlugin``, registered as "esc_net") is imported
 by samcp.models.registry. Design and choices: docs/heads/esc-net.md.
 """
 
-from .config import SAM_DECODER_DIMS, EscNetConfig
+from .config import EscNetConfig
 from .model import (
     EscNet,
     SamPromptedBlock,
     build_esc_net,
     encode_prompts,
-    sam_decoder_state,
     two_way_blocks,
 )
 from .ppg import PseudoPrompts, class_log_probs, kmeans_regions, pseudo_prompts
 
 __all__ = [
-    "SAM_DECODER_DIMS",
     "EscNet",
     "EscNetConfig",
     "PseudoPrompts",
@@ -34,6 +32,5 @@ __all__ = [
     "encode_prompts",
     "kmeans_regions",
     "pseudo_prompts",
-    "sam_decoder_state",
     "two_way_blocks",
 ]

@@ -16,20 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..costagg.config import CostAggConfig
+from ..sam_decoder import SAM_DECODER_SIZES
 
 SAM_BLOCKS = ("pretrained", "random", "none")
 SAM_TRAINABLE = ("attention", "all", "none")
-
-#: SAM decoder sizes per architecture: (prompt_embed_dim, decoder_mlp_dim, decoder_heads,
-#: image_size). vit_b/l/h are segment_anything's ``_build_sam``; vit_tiny / vit_test are samcp's
-#: test-size SAMs (samcp.pipeline.foundation.SAM_ARCHS; a test checks they agree).
-SAM_DECODER_DIMS: dict[str, tuple[int, int, int, int]] = {
-    "vit_h": (256, 2048, 8, 1024),
-    "vit_l": (256, 2048, 8, 1024),
-    "vit_b": (256, 2048, 8, 1024),
-    "vit_tiny": (256, 2048, 8, 1024),
-    "vit_test": (32, 64, 2, 256),
-}
 
 
 @dataclass(frozen=True)
@@ -99,16 +89,16 @@ class EscNetConfig(CostAggConfig):
         """CostAggConfig.tiny's backbone, 2 ESC blocks and samcp's 32-wide test SAM with random
         blocks (no checkpoint needed); pass ``sam_arch="vit_tiny", sam_blocks="pretrained",
         sam_checkpoint=PATH`` for SAM's real decoder width."""
-        vit_test = SAM_DECODER_DIMS["vit_test"]
+        vit_test = SAM_DECODER_SIZES["vit_test"]
         params: dict[str, Any] = dict(
             num_layers=2,
             corr_kernel=1,
             sam_arch="vit_test",
             sam_blocks="random",
-            sam_dim=vit_test[0],
-            sam_mlp_dim=vit_test[1],
-            sam_heads=vit_test[2],
-            sam_image_size=vit_test[3],
+            sam_dim=vit_test.dim,
+            sam_mlp_dim=vit_test.mlp_dim,
+            sam_heads=vit_test.heads,
+            sam_image_size=vit_test.image_size,
             num_prompts=3,
             kmeans_iters=3,
             class_chunk=4,

@@ -23,8 +23,6 @@ classes at once. Design choices: docs/heads/esc-net.md.
 from __future__ import annotations
 
 import copy
-import errno
-import os
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..costagg.model import CostAggOutput, CostAggregationNet
+from ..sam_decoder import SamDecoderSize, build_prompt_decoder, load_state_part
 from .config import EscNetConfig
 from .ppg import PseudoPrompts, class_log_probs, pseudo_prompts
 
@@ -43,70 +42,15 @@ from .ppg import PseudoPrompts, class_log_probs, pseudo_prompts
 
 def fresh_sam_parts(config: EscNetConfig) -> tuple[nn.Module, nn.ModuleList, Tensor]:
     """A randomly initialised (PromptEncoder, the two TwoWayAttentionBlocks, output tokens (5, C))
-    with the config's sizes, as segment_anything's ``_build_sam`` makes them."""
-    from segment_anything.modeling import PromptEncoder, TwoWayTransformer
-
-    c, s = config.sam_dim, config.sam_image_size
-    pe = PromptEncoder(
-        embed_dim=c,
-        image_embedding_size=(s // 16, s // 16),
-        input_image_size=(s, s),
-        mask_in_chans=16,
+    with the config's sizes: segment_anything's parts as ``_build_sam`` makes them
+    (:func:`samcp.models.sam_decoder.build_prompt_decoder`); the output tokens are the mask
+    decoder's iou_token (1) and mask_tokens (num_multimask_outputs + 1 = 4)."""
+    size = SamDecoderSize(
+        config.sam_dim, config.sam_mlp_dim, config.sam_heads, 256, config.sam_image_size
     )
-    tr = TwoWayTransformer(
-        depth=2, embedding_dim=c, mlp_dim=config.sam_mlp_dim, num_heads=config.sam_heads
-    )
-    # MaskDecoder's iou_token (1) and mask_tokens (num_multimask_outputs + 1 = 4): nn.Embedding
-    tokens = torch.cat([nn.Embedding(1, c).weight, nn.Embedding(4, c).weight]).detach()
-    return pe, tr.layers, tokens
-
-
-def sam_decoder_state(config: EscNetConfig) -> dict[str, Tensor]:
-    """The checkpoint's ``prompt_encoder.*`` and ``mask_decoder.*`` weights.
-
-    vit_b / vit_l / vit_h go through ``segment_anything.sam_model_registry[arch](checkpoint=)``
-    (which checks the whole checkpoint against the architecture); samcp's test-size archs are
-    read as the state dict that file is (samcp.pipeline.foundation.load_sam does the same).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file does not hold a SAM of ``sam_arch``.
-    """
-    from segment_anything import sam_model_registry
-
-    path = config.sam_checkpoint
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            errno.ENOENT,
-            f"SAM checkpoint not found (esc_net sam_checkpoint; pass the {config.sam_arch} .pth "
-            "with --set sam_checkpoint=PATH, or --set sam_blocks=random)",
-            path,
-        )
-    if config.sam_arch in sam_model_registry and config.sam_arch != "default":
-        try:
-            sam = sam_model_registry[config.sam_arch](checkpoint=path)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0][:120]
-            raise ValueError(
-                f"SAM checkpoint {path} does not fit sam_arch {config.sam_arch} ({first})"
-            ) from None
-        state = {f"prompt_encoder.{k}": v for k, v in sam.prompt_encoder.state_dict().items()}
-        state.update({f"mask_decoder.{k}": v for k, v in sam.mask_decoder.state_dict().items()})
-        return state
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
-
-
-def _load(module: nn.Module, state: dict[str, Tensor], prefix: str, what: str, arch: str) -> None:
-    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    try:
-        module.load_state_dict(sub, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:120]
-        raise ValueError(
-            f"the SAM checkpoint's {what} does not fit sam_arch {arch} ({first}); set sam_arch "
-            "to the checkpoint's architecture"
-        ) from None
+    pe, md = build_prompt_decoder(size)
+    tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight]).detach()
+    return pe, md.transformer.layers, tokens
 
 
 def two_way_blocks(
@@ -295,17 +239,17 @@ class EscNet(nn.Module):
 
     @torch.no_grad()
     def load_sam(self, state: dict[str, Tensor]) -> None:
-        """SAM's weights from a checkpoint state (:func:`sam_decoder_state`): the prompt encoder,
+        """SAM's weights from a checkpoint state (``samcp.models.sam_decoder.sam_checkpoint_state``): the prompt encoder,
         and with ``sam_blocks: pretrained`` every block's two-way layers and output tokens."""
         arch = self.config.sam_arch
-        _load(self.prompt_encoder, state, "prompt_encoder.", "prompt encoder", arch)
+        load_state_part(self.prompt_encoder, state, "prompt_encoder.", arch)
         if self.config.sam_blocks != "pretrained":
             return
         tokens = torch.cat(
             [state["mask_decoder.iou_token.weight"], state["mask_decoder.mask_tokens.weight"]]
         )
         for block in self.blocks:
-            _load(block.layers, state, "mask_decoder.transformer.layers.", "decoder", arch)
+            load_state_part(block.layers, state, "mask_decoder.transformer.layers.", arch)
             if tokens.shape != block.output_tokens.shape:
                 raise ValueError(
                     f"the SAM checkpoint has {tokens.shape[0]} output tokens of width "

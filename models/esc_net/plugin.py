@@ -11,8 +11,9 @@ from torch import nn
 from ..costagg.plugin import CostAggPlugin
 from ..heads import CacheInfo
 from ..registry import register_head
-from .config import SAM_DECODER_DIMS, EscNetConfig
-from .model import EscNet, build_esc_net, sam_decoder_state
+from ..sam_decoder import SAM_DECODER_SIZES, sam_checkpoint_state
+from .config import EscNetConfig
+from .model import EscNet, build_esc_net
 
 
 @register_head
@@ -34,9 +35,9 @@ class EscNetPlugin(CostAggPlugin):
     def configure(self, config: Mapping[str, Any], cache: CacheInfo) -> dict[str, Any]:
         out = super().configure(config, cache)
         arch = config.get("sam_arch", EscNetConfig.sam_arch)
-        if arch not in SAM_DECODER_DIMS:
+        if arch not in SAM_DECODER_SIZES:
             raise ValueError(
-                f"unknown sam_arch {arch!r} for esc_net; choose one of {', '.join(SAM_DECODER_DIMS)}"
+                f"unknown sam_arch {arch!r} for esc_net; choose one of {', '.join(SAM_DECODER_SIZES)}"
             )
         blocks = config.get("sam_blocks", EscNetConfig.sam_blocks)
         if blocks == "pretrained" and not config.get("sam_checkpoint"):
@@ -44,8 +45,10 @@ class EscNetPlugin(CostAggPlugin):
                 "esc_net loads SAM's pre-trained decoder blocks: --set sam_checkpoint=PATH "
                 f"(the segment_anything .pth of sam_arch, now {arch}), or --set sam_blocks=random"
             )
-        dim, mlp, heads, size = SAM_DECODER_DIMS[arch]
-        out.update(sam_dim=dim, sam_mlp_dim=mlp, sam_heads=heads, sam_image_size=size)
+        d = SAM_DECODER_SIZES[arch]
+        out.update(
+            sam_dim=d.dim, sam_mlp_dim=d.mlp_dim, sam_heads=d.heads, sam_image_size=d.image_size
+        )
         return out
 
     def build(self, config: EscNetConfig) -> nn.Module:
@@ -59,7 +62,11 @@ class EscNetPlugin(CostAggPlugin):
         super().init_from_cache(module.costagg, config, cache)
         if config.sam_checkpoint:
             try:
-                state = sam_decoder_state(config)
+                fix = (
+                    f"pass the {config.sam_arch} .pth with --set sam_checkpoint=PATH, or --set "
+                    "sam_blocks=random"
+                )
+                state = sam_checkpoint_state(config.sam_checkpoint, config.sam_arch, "esc_net", fix)
             except FileNotFoundError as exc:
                 raise ValueError(f"{exc.strerror}: {exc.filename}") from None
             module.load_sam(state)

@@ -31,7 +31,6 @@ the mask logits are (4G, 4G) on that frame; CLIP levels are on the CLIP input fr
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -44,18 +43,14 @@ from torch import Tensor, nn
 
 from ..layers import MLP
 from ..openvocab import OpenVocabClassifier, text_logits
+from ..sam_decoder import (
+    SamDecoderSize,
+    build_prompt_decoder,
+    load_state_part,
+    sam_checkpoint_state,
+)
 from .sam2clip import tuple_fields
 
-#: Decoder sizes of each SAM architecture (segment_anything's ``_build_sam``; samcp's test-size
-#: ``vit_tiny`` / ``vit_test`` mirror samcp.pipeline.foundation.SAM_ARCHS):
-#: (prompt_embed_dim, decoder_mlp_dim, decoder_heads, iou_hidden, image_size)
-SAM_DECODER_DIMS: dict[str, tuple[int, int, int, int, int]] = {
-    "vit_h": (256, 2048, 8, 256, 1024),
-    "vit_l": (256, 2048, 8, 256, 1024),
-    "vit_b": (256, 2048, 8, 256, 1024),
-    "vit_tiny": (256, 2048, 8, 256, 1024),
-    "vit_test": (32, 64, 2, 32, 256),
-}
 VOIDS = ("zero", "learned")
 _TUPLES = ("clip_levels", "clip_channels", "clip_strides")
 
@@ -173,25 +168,20 @@ class Clip2SamConfig:
 # ----------------------------------------------------------------------------------------------
 
 
+def _size(config: Clip2SamConfig) -> SamDecoderSize:
+    return SamDecoderSize(
+        config.sam_dim,
+        config.decoder_mlp_dim,
+        config.decoder_heads,
+        config.iou_hidden,
+        config.sam_image_size,
+    )
+
+
 def fresh_sam_parts(config: Clip2SamConfig) -> tuple[nn.Module, nn.Module]:
     """A randomly initialised (PromptEncoder, MaskDecoder) of segment_anything with the config's
     sizes (the arguments segment_anything's ``_build_sam`` gives them)."""
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
-
-    g, s, c = config.sam_grid, config.sam_image_size, config.sam_dim
-    pe = PromptEncoder(
-        embed_dim=c, image_embedding_size=(g, g), input_image_size=(s, s), mask_in_chans=16
-    )
-    md = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(
-            depth=2, embedding_dim=c, mlp_dim=config.decoder_mlp_dim, num_heads=config.decoder_heads
-        ),
-        transformer_dim=c,
-        iou_head_depth=3,
-        iou_head_hidden_dim=config.iou_hidden,
-    )
-    return pe, md
+    return build_prompt_decoder(_size(config))
 
 
 def load_sam_parts(config: Clip2SamConfig) -> tuple[nn.Module, nn.Module]:
@@ -201,43 +191,11 @@ def load_sam_parts(config: Clip2SamConfig) -> tuple[nn.Module, nn.Module]:
         FileNotFoundError: the checkpoint is missing.
         ValueError: its weights do not fit ``sam_arch`` / the config's sizes.
     """
-    from segment_anything import sam_model_registry
-
-    path = config.sam_checkpoint
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            errno.ENOENT,
-            f"SAM checkpoint not found (clip2sam sam_checkpoint; pass the {config.sam_arch} .pth "
-            "with --set sam_checkpoint=PATH)",
-            path,
-        )
-    if config.sam_arch in sam_model_registry and config.sam_arch != "default":
-        sam = sam_model_registry[config.sam_arch](checkpoint=path)
-        pe, md = sam.prompt_encoder, sam.mask_decoder
-        got = (md.transformer_dim, tuple(pe.image_embedding_size), tuple(pe.input_image_size))
-        want = (
-            config.sam_dim,
-            (config.sam_grid, config.sam_grid),
-            (config.sam_image_size,) * 2,
-        )
-        if got != want:
-            raise ValueError(
-                f"{config.sam_arch} decoder works on {got[0]} x {got[1]} embeddings but the "
-                f"cache's sam_embed is {want[0]} x {want[1]}: precompute with the same SAM"
-            )
-        return pe, md
+    fix = f"pass the {config.sam_arch} .pth with --set sam_checkpoint=PATH"
+    state = sam_checkpoint_state(config.sam_checkpoint, config.sam_arch, "clip2sam", fix)
     pe, md = fresh_sam_parts(config)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for prefix, part in (("prompt_encoder.", pe), ("mask_decoder.", md)):
-        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        try:
-            part.load_state_dict(sub, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0][:120]
-            raise ValueError(
-                f"SAM checkpoint {path} does not fit sam_arch {config.sam_arch} ({first}); set "
-                "sam_arch to the checkpoint's architecture"
-            ) from None
+    load_state_part(pe, state, "prompt_encoder.", config.sam_arch)
+    load_state_part(md, state, "mask_decoder.", config.sam_arch)
     return pe, md
 
 

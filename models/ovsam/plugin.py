@@ -26,8 +26,8 @@ from ..heads import (
 from ..openvocab import geometric_ensemble, split_void, text_logits
 from ..possam.targets import frame_coverage, frame_logits_to_rles
 from ..registry import register_head
+from ..sam_decoder import SAM_DECODER_SIZES
 from .clip2sam import (
-    SAM_DECODER_DIMS,
     Clip2SamConfig,
     Clip2SamCriterion,
     Clip2SamOutput,
@@ -342,15 +342,15 @@ class Clip2SamPlugin(Head):
             "sam_image_size": 16 * g,  # SAM's patch size
         }
         arch = config.get("sam_arch", "vit_h")
-        if arch in SAM_DECODER_DIMS:
-            dim, mlp, heads, iou, size = SAM_DECODER_DIMS[arch]
-            if (dim, size) != (c, 16 * g):
+        if arch in SAM_DECODER_SIZES:
+            d = SAM_DECODER_SIZES[arch]
+            if (d.dim, d.image_size) != (c, 16 * g):
                 raise ValueError(
                     f"the cache's sam_embed is {c} x {g} x {g} but sam_arch {arch} decodes "
-                    f"{dim} x {size // 16} x {size // 16}; set sam_arch (and sam_checkpoint) to "
+                    f"{d.dim} x {d.grid} x {d.grid}; set sam_arch (and sam_checkpoint) to "
                     "the SAM the cache was made with"
                 )
-            out.update(decoder_mlp_dim=mlp, decoder_heads=heads, iou_hidden=iou)
+            out.update(decoder_mlp_dim=d.mlp_dim, decoder_heads=d.heads, iou_hidden=d.iou_hidden)
         return out
 
     def needs(self, config: Clip2SamConfig) -> tuple[list[str], list[str]]:

@@ -14,20 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..costagg.config import CostAggConfig
+from ..sam_decoder import SAM_DECODER_SIZES
 
 PROMPTERS = ("tspp", "grid")
 STAGES = (1, 2)
 
-#: Decoder sizes of each SAM architecture (segment_anything's ``_build_sam``; samcp's test-size
-#: ``vit_tiny`` / ``vit_test`` as in samcp.pipeline.foundation.SAM_ARCHS):
-#: (prompt_embed_dim, decoder_mlp_dim, decoder_heads, iou_head_hidden_dim)
-SAM_DECODER_DIMS: dict[str, tuple[int, int, int, int]] = {
-    "vit_h": (256, 2048, 8, 256),
-    "vit_l": (256, 2048, 8, 256),
-    "vit_b": (256, 2048, 8, 256),
-    "vit_tiny": (256, 2048, 8, 256),
-    "vit_test": (32, 64, 2, 32),
-}
 #: ``sam_checkpoint`` value that keeps the frozen SAM decoder at its random init (tests only)
 RANDOM_SAM = "random"
 
@@ -90,9 +81,9 @@ class SamMiConfig(CostAggConfig):
             raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
         if self.prompter not in PROMPTERS:
             raise ValueError(f"prompter must be one of {PROMPTERS}, got {self.prompter!r}")
-        if self.sam_arch not in SAM_DECODER_DIMS:
+        if self.sam_arch not in SAM_DECODER_SIZES:
             raise ValueError(
-                f"sam_arch must be one of {', '.join(SAM_DECODER_DIMS)}, got {self.sam_arch!r}"
+                f"sam_arch must be one of {', '.join(SAM_DECODER_SIZES)}, got {self.sam_arch!r}"
             )
         positive = {
             "grid_size": self.grid_size,

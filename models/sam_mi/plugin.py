@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from ..costagg.plugin import CostAggPlugin
 from ..heads import CacheInfo, GroundTruth, ImageInputs
 from ..registry import register_head
-from .config import RANDOM_SAM, SAM_DECODER_DIMS, SamMiConfig
+from ..sam_decoder import SAM_DECODER_SIZES
+from .config import RANDOM_SAM, SamMiConfig
 from .data import SAM_FLAG, SamMiSample, collate, flip_sample, make_sample
 from .losses import SamMiCriterion
 from .model import SamMiNet, build_sam_mi_head
@@ -112,9 +113,9 @@ class SamMiPlugin(CostAggPlugin):
         if cache.sam_embed_shape is not None:
             dim, grid, grid2 = (int(v) for v in cache.sam_embed_shape)
             arch = _get(config, "sam_arch")
-            want = SAM_DECODER_DIMS.get(arch, (None,))[0]
+            want = SAM_DECODER_SIZES[arch].dim if arch in SAM_DECODER_SIZES else None
             if stage == 2 and prompter == "tspp" and want is not None and want != dim:
-                fits = [a for a, d in SAM_DECODER_DIMS.items() if d[0] == dim]
+                fits = [a for a, d in SAM_DECODER_SIZES.items() if d.dim == dim]
                 raise ValueError(
                     f"the cache's sam_embed has {dim} channels but sam_arch {arch}'s decoder "
                     f"takes {want}: --set sam_arch={fits[0] if fits else '...'} (the SAM that "

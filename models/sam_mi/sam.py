@@ -15,15 +15,20 @@ ambiguous single point), thresholded at ``mask_threshold`` (logit 0), with the c
 
 from __future__ import annotations
 
-import errno
-import os
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..sam_decoder import decode_points
-from .config import RANDOM_SAM, SAM_DECODER_DIMS, SamMiConfig
+from ..sam_decoder import (
+    SAM_DECODER_SIZES,
+    build_prompt_decoder,
+    decode_points,
+    load_state_part,
+    sam_checkpoint_state,
+)
+from .config import RANDOM_SAM, SamMiConfig
 
 
 class FrozenSamDecoder(nn.Module):
@@ -31,30 +36,16 @@ class FrozenSamDecoder(nn.Module):
 
     def __init__(self, config: SamMiConfig) -> None:
         super().__init__()
-        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
-
-        dim, mlp_dim, heads, iou_hidden = SAM_DECODER_DIMS[config.sam_arch]
-        if dim != config.sam_dim:
+        size = SAM_DECODER_SIZES[config.sam_arch]
+        if size.dim != config.sam_dim:
             raise ValueError(
-                f"sam_arch {config.sam_arch} decodes {dim}-channel embeddings but the cache's "
+                f"sam_arch {config.sam_arch} decodes {size.dim}-channel embeddings but the cache's "
                 f"sam_embed has {config.sam_dim}: set sam_arch to the SAM that made the cache"
             )
-        g = config.sam_grid
-        self.prompt_encoder = PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(g, g),
-            input_image_size=(16 * g, 16 * g),
-            mask_in_chans=16,
-        )
-        self.mask_decoder = MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=2, embedding_dim=dim, mlp_dim=mlp_dim, num_heads=heads
-            ),
-            transformer_dim=dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=iou_hidden,
-        )
+        # The cached embedding's grid decides the frame (as segment_anything's image_size / 16).
+        size = dataclasses.replace(size, image_size=16 * config.sam_grid)
+        self.arch = config.sam_arch
+        self.prompt_encoder, self.mask_decoder = build_prompt_decoder(size)
         self.requires_grad_(False)
         self.eval()
 
@@ -68,30 +59,10 @@ class FrozenSamDecoder(nn.Module):
             FileNotFoundError: no such file.
             ValueError: the weights do not fit ``sam_arch``'s decoder.
         """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                errno.ENOENT,
-                "SAM checkpoint not found (sam_mi sam_checkpoint; pass the .pth the cache's "
-                "sam_embed was made with: --set sam_checkpoint=PATH)",
-                path,
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not a zip checkpoint: no mmap
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        for prefix, part in (
-            ("prompt_encoder.", self.prompt_encoder),
-            ("mask_decoder.", self.mask_decoder),
-        ):
-            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            try:
-                part.load_state_dict(sub, strict=True)
-            except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[0][:120]
-                raise ValueError(
-                    f"SAM checkpoint {path} does not fit sam_arch's decoder ({first}); set "
-                    "sam_arch to the checkpoint's architecture"
-                ) from None
+        fix = "pass the .pth the cache's sam_embed was made with: --set sam_checkpoint=PATH"
+        state = sam_checkpoint_state(path, self.arch, "sam_mi", fix)
+        load_state_part(self.prompt_encoder, state, "prompt_encoder.", self.arch)
+        load_state_part(self.mask_decoder, state, "mask_decoder.", self.arch)
         self.requires_grad_(False)
 
     @torch.no_grad()
