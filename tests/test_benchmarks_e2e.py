@@ -61,7 +61,15 @@ def world(tmp_path_factory):
             batch_size=2, progress=False,
         )
     )
-    names = ("pascal_context_459", "ade20k_150", "cityscapes")
+    names = (
+        "pascal_context_459",
+        "ade20k_150",
+        "cityscapes",
+        "ade20k_847",
+        "pascal_context_59",
+        "pascal_voc_20",
+        "coco_stuff_171",
+    )
     layouts = {n: write_layout(n, syn, root / n) for n in names}
     yield {"root": root, "syn": syn, "clip": clip, "run": run, "layouts": layouts}
     mp.undo()
@@ -260,3 +268,38 @@ def test_predict_dataset_defaults_to_the_builtin_vocabulary(world, tmp_path, cap
     assert code == 0, err
     info = json.loads((tmp_path / "builtin" / "predict_info.json").read_text())
     assert info["vocabulary"] == name and info["thing_stuff_source"] == f"benchmark {name}"
+
+
+@pytest.mark.parametrize(
+    "name", ["ade20k_847", "pascal_context_59", "pascal_voc_20", "coco_stuff_171"]
+)
+def test_every_other_semantic_layout_end_to_end(name, world, tmp_path, capsys):
+    """precompute --dataset -> predict --dataset -> eval --dataset on the remaining semantic
+    layouts: the PNGs carry the benchmark's class ids in its bit depth, eval scores them."""
+    cache = _precompute(world, name, capsys)
+    vocab = vocabulary_file(tmp_path / f"{name}_synth.txt", world["syn"], name)
+    pred = tmp_path / "pred"
+    code, out, err = _cli(
+        ["predict", "--run", str(world["run"]), "--cache", str(cache), "--out", str(pred),
+         "--dataset", name, "--vocabulary", str(vocab), "--clip-checkpoint", str(world["clip"]),
+         "--device", "cpu", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    bench = open_benchmark(name, world["layouts"][name], "val")
+    ignore = 65535 if name == "ade20k_847" else 255
+    for it in bench.items:
+        with Image.open(pred / "semantic" / f"{it.stem}.png") as img:
+            assert img.mode.startswith("I") == (ignore == 65535)
+            values = set(np.unique(np.asarray(img)).tolist())
+        assert values <= set(CLASS_IDS[name]) | {ignore}
+    report = tmp_path / "r.json"
+    code, out, err = _cli(
+        ["eval", "--dataset", name, "--gt", str(world["layouts"][name]), "--pred", str(pred),
+         "--workers", "1", "--no-progress", "--json", str(report)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    r = json.loads(report.read_text())
+    assert r["benchmark"] == name and r["panoptic"] is None and r["num_images"] == 3
+    assert 0.0 <= r["semantic"]["miou"] <= 100.0

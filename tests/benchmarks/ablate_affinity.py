@@ -19,16 +19,9 @@ import shutil
 import time
 from pathlib import Path
 
-# The demo's affinity head (pipeline/demo.py DEMO_HEAD) and schedule.
-DEMO_HEAD = {
-    "embed_dim": 128,
-    "roi_size": 7,
-    "roi_mlp_hidden": 256,
-    "num_encoder_layers": 2,
-    "num_heads": 4,
-    "ffn_dim": 256,
-    "num_decoder_layers": 3,
-}
+# The demo's affinity head (every row below sets num_denoising_queries itself).
+from samcp.pipeline.demo import DEMO_HEAD
+
 BEFORE_HEAD = {
     "multi_level": False,
     "query_attn_mask": False,
