@@ -169,6 +169,23 @@ def _check_options(
     "sam, or of --store-sam-embeddings with other proposals.",
 )
 @click.option(
+    "--sam-features",
+    type=click.Choice(["sam", "sam2clip"]),
+    default="sam",
+    show_default=True,
+    help="SAM's image embedding: from SAM's image encoder, or (sam2clip) from the CLIP pass "
+    "through the neck of --sam2clip-run, skipping SAM's encoder; SAM's prompt encoder and mask "
+    "decoder still come from --sam-checkpoint.",
+)
+@click.option(
+    "--sam2clip-run",
+    type=click.Path(path_type=str),
+    default=None,
+    metavar="RUN",
+    help="Run folder of samcp train --head sam2clip (for --sam-features sam2clip); needs "
+    "--clip-checkpoint with the CLIP and --clip-levels the run was trained on.",
+)
+@click.option(
     "--points-per-side",
     default=_D.points_per_side,
     show_default=True,
@@ -296,6 +313,8 @@ def command(
     source_kind,
     sam_model,
     sam_checkpoint,
+    sam_features,
+    sam2clip_run,
     points_per_side,
     points_per_batch,
     pred_iou_thresh,
@@ -332,6 +351,8 @@ def command(
         source=source_kind,
         sam_model=sam_model,
         sam_checkpoint=sam_checkpoint,
+        sam_features=sam_features,
+        sam2clip_run=sam2clip_run,
         sam=SamEverythingParams(
             points_per_side=points_per_side,
             points_per_batch=points_per_batch,

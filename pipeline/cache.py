@@ -122,7 +122,7 @@ def init_cache(path: str | Path, attrs: dict, overwrite: bool = False) -> set[st
             if _norm(old.get(key)) != _norm(attrs.get(key)):
                 raise SamcpError(
                     f"cache {path} was made with a different {key} "
-                    f"({_short(old.get(key))} vs now {_short(attrs.get(key))}); "
+                    f"({_difference(_norm(old.get(key)), _norm(attrs.get(key)))}); "
                     "use another --out, or --overwrite to start it again"
                 )
         return set(complete_shards(root))
@@ -297,6 +297,20 @@ def _norm(v):
     import json
 
     return json.loads(json.dumps(v, sort_keys=True))
+
+
+def _difference(old, new) -> str:
+    """``old vs now new``, led by the path of the first differing entry when both are mappings
+    (``features: 'sam2clip' vs now None``), so that a long attribute's change stays readable."""
+    path = []
+    while isinstance(old, dict) and isinstance(new, dict):
+        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if not diff:
+            break
+        path.append(diff[0])
+        old, new = old.get(diff[0]), new.get(diff[0])
+    lead = f"{'.'.join(path)}: " if path else ""
+    return f"{lead}{_short(repr(old))} vs now {_short(repr(new))}"
 
 
 def _short(v, n: int = 90) -> str:

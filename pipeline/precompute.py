@@ -47,6 +47,7 @@ class PrecomputeConfig:
     store_sam_embeddings: also store SAM's image embedding (``sam_embed``): from the same encoder
         pass as SAM proposals, or, for ``slic`` and ``external`` proposals, from a SAM pass that only
         computes the embedding (needs ``proposals.sam_checkpoint`` and ``proposals.sam_model``).
+        With ``proposals.sam_features`` sam2clip it is the distilled embedding SAM's decoder ran on.
     clip: frozen-CLIP features to store (dense maps and mask-pooled embeddings), or None.
     redo_failed: also redo complete shards that hold failed rows (e.g. after fixing files).
     dataset: a benchmark name (samcp.pipeline.benchmarks, e.g. ``ade20k_150``): ``source`` is
@@ -149,7 +150,10 @@ class AllImagesFailed(SamcpError):
 class ImageProcessor:
     """Everything computed per image: proposals, optional SAM embedding, optional CLIP features.
 
-    Built once per worker (models are loaded here), then called per image.
+    Built once per worker (models are loaded here), then called per image. With SAM2CLIP features
+    (``proposals.sam_features`` sam2clip) the CLIP trunk runs first: the run's neck turns the
+    image's CLIP levels (as stored) into the SAM embedding that SAM's decoder then prompts, and the
+    same trunk pass gives the stored levels and the mask-pooled embeddings.
     """
 
     def __init__(self, cfg: PrecomputeConfig, device: str) -> None:
@@ -160,6 +164,13 @@ class ImageProcessor:
             from samcp.pipeline.clip import ClipFeatureExtractor
 
             self.clip = ClipFeatureExtractor(cfg.clip, device)
+        self.sam2clip = None
+        if cfg.proposals.sam_features == "sam2clip":
+            from samcp.pipeline.proposals.sam2clip import Sam2ClipFeatures
+
+            if self.clip is None:
+                raise SamcpError("--sam-features sam2clip needs the CLIP pass (--clip-checkpoint)")
+            self.sam2clip = Sam2ClipFeatures(cfg.proposals.sam2clip_run, device)
 
     @property
     def needs_pixels(self) -> bool:
@@ -180,12 +191,24 @@ class ImageProcessor:
                         f"image is {image.shape[1]}x{image.shape[0]} but the dataset says "
                         f"{rec.width}x{rec.height}"
                     )
-            props, sam_embed = self.proposals(image, rec, self.cfg.store_sam_embeddings)
             image_arrays: dict[str, np.ndarray] = {}
             mask_arrays: dict[str, np.ndarray] = {}
+            final = features = None
+            if self.sam2clip is not None:
+                from samcp.pipeline.clip import _to_fp16
+
+                final, levels = self.clip.dense_features(image)
+                image_arrays.update({f"clip_{lv}": _to_fp16(t) for lv, t in levels.items()})
+                features = self.sam2clip.embed(image_arrays)
+            props, sam_embed = self.proposals(
+                image, rec, self.cfg.store_sam_embeddings, features=features
+            )
             if sam_embed is not None:
                 image_arrays["sam_embed"] = sam_embed
-            if self.clip is not None:
+            if final is not None:  # the trunk already ran: pool the proposals from its map
+                emb = self.clip.mask_embeddings(final, props)
+                mask_arrays["clip_mask_embed"] = _to_fp16(emb)
+            elif self.clip is not None:
                 dense, per_mask = self.clip.extract(image, props)
                 image_arrays.update(dense)
                 mask_arrays.update(per_mask)
@@ -270,18 +293,26 @@ def prepare(cfg: PrecomputeConfig) -> tuple[list[tuple[str, list[ImageRecord]]],
         raise SamcpError(f"no images in {cfg.source}; check the path and --split")
     shards = shard_records(records, cfg.shard_size)
     sha = file_sha256(cfg.proposals.sam_checkpoint) if uses_sam else None
-    attrs = {
-        **cfg.proposals.cache_attrs(sha, cfg.store_sam_embeddings),
-        "clip": _clip_attrs(cfg.clip),
-        "sam_embed": bool(cfg.store_sam_embeddings),
-        "dataset": dataset_attrs(records, cfg.shard_size, cfg.dataset),
-        "dataset_source": source_attrs,
-    }
+    clip_attrs = _clip_attrs(cfg.clip)
+    sam2clip = None
     if uses_sam:
         # Fail early, in the driver, on a checkpoint that does not load (wrong file or arch).
         from samcp.pipeline.foundation import load_sam
 
-        load_sam(cfg.proposals.sam_model, cfg.proposals.sam_checkpoint, "cpu")
+        sam = load_sam(cfg.proposals.sam_model, cfg.proposals.sam_checkpoint, "cpu")
+        if cfg.proposals.sam_features == "sam2clip":
+            from samcp.pipeline.proposals.sam2clip import check_sam2clip_run
+
+            channels = _CLIP_CHANNELS.get(str(cfg.clip.checkpoint)) if cfg.clip else None
+            sam2clip = check_sam2clip_run(cfg.proposals.sam2clip_run, cfg.clip, channels, sam)
+        del sam
+    attrs = {
+        **cfg.proposals.cache_attrs(sha, cfg.store_sam_embeddings, sam2clip),
+        "clip": clip_attrs,
+        "sam_embed": bool(cfg.store_sam_embeddings),
+        "dataset": dataset_attrs(records, cfg.shard_size, cfg.dataset),
+        "dataset_source": source_attrs,
+    }
     if _is_local(cfg.out):
         # Read-only check first, so that no lock file is ever put into a folder samcp may not use.
         from samcp.pipeline.outputs import prepare_output_dir
@@ -315,11 +346,23 @@ def _clip_attrs(clip_cfg) -> dict | None:
     model, _ = load_clip(clip_cfg.model, clip_cfg.checkpoint, "cpu")
     # Kept for open_cache (the head is small; the model is not kept).
     _CLIP_HEADS[str(clip_cfg.checkpoint)] = export_clip_head(model, clip_cfg.input_size)
+    _CLIP_CHANNELS[str(clip_cfg.checkpoint)] = _level_channels(model)
     return clip_cfg.cache_attrs(file_sha256(clip_cfg.checkpoint))
 
 
 # checkpoint path -> its exported head (or None), from _clip_attrs to open_cache.
 _CLIP_HEADS: dict[str, object] = {}
+# checkpoint path -> channels of each clip_<level> its trunk gives (checks a --sam2clip-run).
+_CLIP_CHANNELS: dict[str, dict[str, int]] = {}
+
+
+def _level_channels(model) -> dict[str, int]:
+    """``clip_<level>`` -> channels of a timm ConvNeXt tower's stage outputs ({} for others)."""
+    from samcp.pipeline.clip import LEVEL_STRIDES
+
+    info = getattr(getattr(getattr(model, "visual", None), "trunk", None), "feature_info", None)
+    by_stride = {int(f["reduction"]): int(f["num_chs"]) for f in (info or [])}
+    return {f"clip_{lv}": by_stride[s] for lv, s in LEVEL_STRIDES.items() if s in by_stride}
 
 
 def _store_clip_head(cfg: PrecomputeConfig) -> None:

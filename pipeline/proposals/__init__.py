@@ -17,6 +17,10 @@ from samcp.pipeline.proposals.slic import SlicParams
 
 SOURCES = ("sam", "slic", "external")
 
+#: Where SAM's image embedding comes from: SAM's own image encoder, or a trained sam2clip run's
+#: neck applied to the image's CLIP levels (Open-Vocabulary SAM's SAM2CLIP; the encoder is skipped).
+SAM_FEATURES = ("sam", "sam2clip")
+
 
 @dataclass(frozen=True)
 class ProposalConfig:
@@ -25,6 +29,11 @@ class ProposalConfig:
     ``sam_model`` / ``sam_checkpoint`` name the SAM that makes ``sam`` proposals, and the SAM whose
     image embedding is stored (``store_sam_embeddings``) for any source: with ``slic`` or
     ``external`` proposals, SAM then runs only its image encoder, for the embedding.
+
+    ``sam_features`` says where SAM's image embedding comes from: ``sam`` (SAM's image encoder) or
+    ``sam2clip``: the neck of the trained sam2clip run ``sam2clip_run`` applied to the image's CLIP
+    levels (the CLIP pass of precompute), SAM's image encoder skipped; SAM's prompt encoder and mask
+    decoder still come from ``sam_checkpoint``.
     """
 
     source: str = "slic"
@@ -33,6 +42,8 @@ class ProposalConfig:
     sam: SamEverythingParams = field(default_factory=SamEverythingParams)
     slic: SlicParams = field(default_factory=SlicParams)
     external_path: str | None = None
+    sam_features: str = "sam"
+    sam2clip_run: str | None = None
 
     def uses_sam(self, store_sam_embeddings: bool = False) -> bool:
         """True when the run loads SAM: SAM proposals, or SAM embeddings for any source."""
@@ -66,15 +77,42 @@ class ProposalConfig:
             raise SamcpError(
                 "--proposals external needs --external PATH (folder or COCO results JSON)"
             )
+        if self.sam_features not in SAM_FEATURES:
+            raise SamcpError(
+                f"unknown SAM features {self.sam_features!r}; use one of {', '.join(SAM_FEATURES)}"
+            )
+        if self.sam_features == "sam2clip":
+            if not self.uses_sam(store_sam_embeddings):
+                raise SamcpError(
+                    "--sam-features sam2clip replaces SAM's image embedding, which --proposals "
+                    f"{self.source} alone does not use; pass --proposals sam (everything mode on "
+                    "SAM2CLIP embeddings) or add --store-sam-embeddings"
+                )
+            if not self.sam2clip_run:
+                raise SamcpError(
+                    "--sam-features sam2clip needs --sam2clip-run RUN, a run folder written by "
+                    "samcp train --head sam2clip"
+                )
+        elif self.sam2clip_run:
+            raise SamcpError(
+                "--sam2clip-run is read only with --sam-features sam2clip; add --sam-features "
+                "sam2clip, or drop --sam2clip-run"
+            )
 
     def cache_attrs(
-        self, checkpoint_sha256: str | None = None, store_sam_embeddings: bool = False
+        self,
+        checkpoint_sha256: str | None = None,
+        store_sam_embeddings: bool = False,
+        sam2clip: dict | None = None,
     ) -> dict:
         """Root attributes describing the proposals and the SAM used (compared on resume).
 
         ``sam`` records the SAM that ran: for SAM proposals its model, checkpoint and everything-mode
         parameters; for SAM embeddings next to other proposals its model and checkpoint with
-        ``params`` null (only the encoder ran); else null.
+        ``params`` null (only the encoder ran); else null. With ``sam_features`` sam2clip it also
+        holds ``features: "sam2clip"`` and ``sam2clip``: the run's identity (the ``sam2clip``
+        argument, from :func:`samcp.pipeline.proposals.sam2clip.check_sam2clip_run`). SAM's own
+        encoder leaves both out, so caches made before the option keep their fingerprint.
         """
         attrs: dict = {"proposals": {"source": self.source}, "sam": None}
         if self.source == "sam":
@@ -94,6 +132,9 @@ class ProposalConfig:
                 "checkpoint_sha256": checkpoint_sha256,
                 "params": None,
             }
+        if attrs["sam"] is not None and self.sam_features == "sam2clip":
+            attrs["sam"]["features"] = "sam2clip"
+            attrs["sam"]["sam2clip"] = sam2clip
         return attrs
 
 
@@ -103,6 +144,9 @@ class ProposalSource:
     With ``sam_embeddings`` SAM is loaded for any source, so that calls can also return its image
     embedding; for ``slic`` and ``external`` proposals that is an encoder pass of its own, computed
     exactly as for SAM proposals (:func:`~samcp.pipeline.proposals.sam_encoder.embed_image`).
+    With ``sam_features`` sam2clip the caller passes the embedding (``features``) instead, and SAM's
+    image encoder stays on the CPU, unused; only its prompt encoder and mask decoder go to
+    ``device``.
     """
 
     def __init__(
@@ -131,27 +175,53 @@ class ProposalSource:
 
         if not self.config.sam_checkpoint:
             self.config.validate(store_sam_embeddings=True)  # raises, naming --sam-checkpoint
-        self.sam_model = load_sam(self.config.sam_model, self.config.sam_checkpoint, self.device)
+        if self.config.sam_features == "sam2clip":
+            model = load_sam(self.config.sam_model, self.config.sam_checkpoint, "cpu")
+            # Sam.device is its pixel_mean's; the (large, unused) image encoder is not moved.
+            for part in (model.prompt_encoder, model.mask_decoder):
+                part.to(self.device)
+            model.pixel_mean = model.pixel_mean.to(self.device)
+            model.pixel_std = model.pixel_std.to(self.device)
+            self.sam_model = model
+        else:
+            self.sam_model = load_sam(
+                self.config.sam_model, self.config.sam_checkpoint, self.device
+            )
 
     def __call__(
-        self, image: np.ndarray | None, record, with_sam_embedding: bool = False
+        self,
+        image: np.ndarray | None,
+        record,
+        with_sam_embedding: bool = False,
+        features=None,
     ) -> tuple[Proposals, np.ndarray | None]:
         """Proposals for one image, and SAM's image embedding if asked: from the same encoder pass
-        for SAM proposals, from an embedding-only SAM pass for the others."""
-        if self.config.source == "sam":
-            if with_sam_embedding:
-                from samcp.pipeline.proposals.sam_encoder import sam_embed_array
+        for SAM proposals, from an embedding-only SAM pass for the others.
 
-                props, features = self._gen.generate(image, return_embedding=True)
-                return props, sam_embed_array(features)
-            return self._gen.generate(image), None
+        ``features``: a (1, C, G, G) torch tensor used as SAM's image embedding instead of running
+        SAM's image encoder (SAM2CLIP's, ``sam_features`` sam2clip): SAM proposals decode it, and it
+        is the returned embedding.
+        """
+        if self.config.source == "sam":
+            from samcp.pipeline.proposals.sam_encoder import sam_embed_array
+
+            if with_sam_embedding:
+                props, feats = self._gen.generate(image, return_embedding=True, features=features)
+                return props, sam_embed_array(feats)
+            return self._gen.generate(image, features=features), None
         if self.config.source == "external":
             props = self._gen.generate_for(
                 record.image_id, record.file_name, record.height, record.width
             )
         else:
             props = self._gen.generate(image)
-        return props, (self.sam_embedding(image) if with_sam_embedding else None)
+        if not with_sam_embedding:
+            return props, None
+        if features is not None:
+            from samcp.pipeline.proposals.sam_encoder import sam_embed_array
+
+            return props, sam_embed_array(features)
+        return props, self.sam_embedding(image)
 
     def sam_embedding(self, image: np.ndarray) -> np.ndarray:
         """SAM's float16 image embedding ((256, 64, 64) for vit_b/l/h and vit_tiny) of one HxWx3

@@ -75,13 +75,28 @@ class SamEverythingGenerator:
         return self.model.device
 
     @torch.inference_mode()
-    def generate(self, image: np.ndarray, return_embedding: bool = False):
-        """Proposals for one HxWx3 uint8 RGB image (and SAM's image embedding if asked)."""
+    def generate(
+        self,
+        image: np.ndarray,
+        return_embedding: bool = False,
+        features: torch.Tensor | None = None,
+    ):
+        """Proposals for one HxWx3 uint8 RGB image (and SAM's image embedding if asked).
+
+        ``features``: a (1, C, G, G) image embedding to decode instead of running SAM's image
+        encoder (e.g. SAM2CLIP's); it must lie in SAM's input frame (the image resized so its
+        longer side is the encoder's ``img_size``, padded bottom/right), as SAM's own does.
+        """
         p = self.params
         h, w = image.shape[:2]
-        set_image_fast(self.predictor, image)
-        features = self.predictor.features
-        input_size = self.predictor.input_size
+        if features is None:
+            set_image_fast(self.predictor, image)
+            features = self.predictor.features
+            input_size = self.predictor.input_size
+        else:
+            features = self._check_features(features)
+            t = self.predictor.transform
+            input_size = t.get_preprocess_shape(h, w, t.target_length)
         thr = self.model.mask_threshold
         chunk = p.upsample_chunk or (64 if self.device.type == "cuda" else 4)
 
@@ -145,6 +160,16 @@ class SamEverythingGenerator:
             point_coords=torch.cat(kept_pts).cpu().numpy()[keep],
         )
         return (out, features) if return_embedding else out
+
+    def _check_features(self, features: torch.Tensor) -> torch.Tensor:
+        pe = self.model.prompt_encoder
+        want = (1, pe.embed_dim, *pe.image_embedding_size)
+        if tuple(features.shape) != want:
+            raise ValueError(
+                f"the image embedding is {tuple(features.shape)} but this SAM's decoder takes "
+                f"{want}"
+            )
+        return features.to(self.device, torch.float32)
 
     def _upsample(self, low_res: torch.Tensor, input_size, original_size) -> torch.Tensor:
         """SAM's postprocess_masks on a (K, h, w) stack: to the padded input, crop, to the image.
