@@ -3,11 +3,13 @@
 synth -> a CLIP that knows the synthetic world (samcp's own, trained once on the synthetic train
 split and reused from the samcp cache folder; or a real one with CLIP_CHECKPOINT) -> precompute
 (local Ray; SLIC proposals + SAM embeddings from a tiny random SAM, or SAM proposals and embeddings
-when SAM_CHECKPOINT is set; CLIP features) -> train the SAM-CP affinity head and the PosSAM head on
-the *seen* classes only (classes_seen.txt: the synthetic analogue of COCO) -> predict all 11
-classes (classes.txt: the analogue of ADE20K), with and without CLIP -> PQ/SQ/RQ, mIoU and AP for
-all, seen and unseen classes of each head untrained and trained, and of the proposal oracle -> a
-few pictures of the predictions.
+when SAM_CHECKPOINT is set; CLIP features) -> train every head on the *seen* classes only
+(classes_seen.txt: the synthetic analogue of COCO): SAM-CP's affinity head, PosSAM, and the semantic
+heads CAT-Seg (costagg), SAM-MI (two stages) and ESC-Net at small presets -> predict all 11 classes
+(classes.txt: the analogue of ADE20K), with and without CLIP -> PQ/SQ/RQ, mIoU and AP for all, seen
+and unseen classes of each head untrained and trained (semantic heads: mIoU), and of the proposal
+oracle -> a few pictures of the predictions. Steps are sized to keep the whole run near 7 minutes
+on two CPU cores, plus 2 the first time for the CLIP (docs/benchmarks.md).
 
 Re-running resumes: the dataset, the CLIP, caches and finished runs are reused.
 """
@@ -40,7 +42,7 @@ DEMO_HEAD = {
     # its 10-minute budget without them (their effect: docs/heads/affinity.md).
     "num_denoising_queries": 0,
 }
-DEMO_STEPS = 500
+DEMO_STEPS = 250
 KAPPA = 0.4  # SAM-CP's CLIP weight at inference (paper, sec. 3.3)
 CLIP_LEVELS = ("res3", "res4", "res5")  # SAM-CP pools each patch from the level its size selects
 # PosSAM's head at the paper's widths (LDP 256, one attention layer): 150 steps and dropout 0.3
@@ -48,6 +50,33 @@ CLIP_LEVELS = ("res3", "res4", "res5")  # SAM-CP pools each patch from the level
 # set, so the demo's PosSAM rows are a demonstration, not a held-out benchmark).
 POSSAM_STEPS = 150
 POSSAM_HEAD = {"dropout": 0.3}
+# CAT-Seg's cost aggregation (the base of SAM-MI and ESC-Net) at its tiny preset with one
+# upsampling stage guided by res4 (logits at stride 16 of the 1024 frame): the paper-size head runs
+# at ~0.04 images/s on a CPU, the tiny one with a second stage at 128 x 128 ~6x slower than this.
+COSTAGG_STEPS = 100
+COSTAGG_HEAD = {
+    "guidance_levels": ["clip_res4"],
+    "decoder_dims": [16],
+    "decoder_guidance_proj_dims": [4],
+}
+
+# SAM-MI on the same costagg: stage 1 trains TSPP alone, stage 2 the whole head from it with the
+# frozen SAM decoder online on the cached sam_embed (8 sparse points per image bound the CPU cost).
+SAM_MI_STAGE1_STEPS = 40
+SAM_MI_STEPS = 30
+SAM_MI_HEAD = {**COSTAGG_HEAD, "grid_size": 32, "max_points": 8}
+# ESC-Net on the same costagg, its tiny preset (2 ESC blocks) with the blocks of the demo's SAM.
+ESC_NET_STEPS = 20
+ESC_NET_HEAD = {**COSTAGG_HEAD, "sam_blocks": "pretrained"}
+
+# Per head: (preset, head overrides, TrainConfig settings) of its demo run.
+TRAIN_SETTINGS: dict[str, tuple[str, dict, dict]] = {
+    "affinity": ("default", DEMO_HEAD, {"lr": 3e-4, "lr_drop": (0.85,)}),
+    "possam": ("default", POSSAM_HEAD, {"lr": 1e-3, "lr_drop": (0.8,), "weight_decay": 0.05}),
+    "costagg": ("tiny", COSTAGG_HEAD, {"lr": 1e-3, "lr_drop": (0.8,)}),
+    "sam_mi": ("tiny", SAM_MI_HEAD, {"lr": 1e-3, "lr_drop": (0.8,)}),
+    "esc_net": ("tiny", ESC_NET_HEAD, {"lr": 1e-3, "lr_drop": (0.8,)}),
+}
 
 
 def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 2) -> dict:
@@ -92,14 +121,20 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 
         )
 
     seen_file = data / "classes_seen.txt"
+    sam = {"sam_arch": proposals.sam_model, "sam_checkpoint": str(proposals.sam_checkpoint)}
     runs = {}
-    for head, name, steps in (
-        ("affinity", "untrained", 0),
-        ("affinity", "trained", DEMO_STEPS),
-        ("possam", "untrained", 0),
-        ("possam", "trained", POSSAM_STEPS),
+    for head, name, steps, extra in (
+        ("affinity", "untrained", 0, {}),
+        ("affinity", "trained", DEMO_STEPS, {}),
+        ("possam", "untrained", 0, {}),
+        ("possam", "trained", POSSAM_STEPS, {}),
+        ("costagg", "untrained", 0, {}),
+        ("costagg", "trained", COSTAGG_STEPS, {}),
+        ("sam_mi", "stage1", SAM_MI_STAGE1_STEPS, {"stage": 1}),
+        ("sam_mi", "trained", SAM_MI_STEPS, {**sam, "init_from": str(out / "run_sam_mi_stage1")}),
+        ("esc_net", "trained", ESC_NET_STEPS, sam),
     ):
-        runs[head, name] = _train(out, data, head, name, steps, clip_cfg.checkpoint, echo)
+        runs[head, name] = _train(out, data, head, name, steps, clip_cfg.checkpoint, echo, extra)
 
     n_all = len(read_vocabulary(data / "classes.txt").ids)
     echo(f"[5/6] predict all {n_all} classes on val2017 + eval (CLIP off, and CLIP fused)")
@@ -115,6 +150,10 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, num_workers: int = 
         ("PosSAM, CLIP only", "possam", "trained", None, None, {"classifier": "clip"}),
         ("PosSAM, geometric", "possam", "trained", None, None, {"classifier": "geometric"}),
         ("PosSAM, MASE", "possam", "trained", None, None, {}),
+        ("CAT-Seg untrained", "costagg", "untrained", None, None, {}),
+        ("CAT-Seg (costagg)", "costagg", "trained", None, None, {}),
+        ("SAM-MI", "sam_mi", "trained", None, None, {}),
+        ("ESC-Net", "esc_net", "trained", None, None, {}),
     )
     for label, head, name, alpha, beta, sets in rows:
         slug = label.lower().replace(" ", "_").replace(",", "").replace(".", "")
@@ -169,8 +208,11 @@ def _proposals(out: Path, echo) -> ProposalConfig:
     return ProposalConfig(source="slic", sam_model="vit_tiny", sam_checkpoint=str(path))
 
 
-def _train(out: Path, data: Path, head: str, name: str, steps: int, clip_ckpt, echo) -> Path:
-    """One demo run (reused when finished): ``head`` on the seen classes of the train cache."""
+def _train(
+    out: Path, data: Path, head: str, name: str, steps: int, clip_ckpt, echo, extra: dict
+) -> Path:
+    """One demo run (reused when finished): ``head`` on the seen classes of the train cache, with
+    the head's demo settings and the run's own ``extra`` head overrides."""
     from samcp.pipeline.train import TrainConfig, run_training
 
     run = out / f"run_{head}_{name}"
@@ -182,16 +224,14 @@ def _train(out: Path, data: Path, head: str, name: str, steps: int, clip_ckpt, e
         f"[4/6] train: {name} {head} head, {steps} steps on the train cache, seen classes only "
         f"({seen_file.name}) -> {run}"
     )
-    settings = (
-        dict(head_overrides=DEMO_HEAD, lr=3e-4, lr_drop=(0.85,))
-        if head == "affinity"
-        else dict(head_overrides=POSSAM_HEAD, lr=1e-3, lr_drop=(0.8,), weight_decay=0.05)
-    )
+    preset, overrides, settings = TRAIN_SETTINGS[head]
     cfg = TrainConfig(
         cache=str(out / "cache_train2017.zarr"),
         dataset=str(data),
         out=str(run),
         head=head,
+        preset=preset,
+        head_overrides={**overrides, **extra},
         classes=str(seen_file),
         clip_checkpoint=str(clip_ckpt),
         steps=steps,
@@ -345,14 +385,19 @@ def _print_table(figures: dict, rows: list[str], n_all: int, n_seen: int, echo) 
     echo("      " + "-" * 20 + "-+-------------------+------------+-------------------+-----")
     for name in rows:
         f = figures[name]
-        pq = " ".join(f"{group(f, g, 'panoptic', 'all', 'pq'):5.1f}" for g in _GROUPS)
-        sqrq = " ".join(f"{get(f, 'panoptic', 'all', k):5.1f}" for k in ("sq", "rq"))
-        miou = " ".join(f"{group(f, g, 'semantic', 'miou'):5.1f}" for g in _GROUPS)
-        echo(f"      {name:<20} | {pq} | {sqrq} | {miou} | {get(f, 'instance', 'ap'):4.1f}")
+        pq = " ".join(_num(group(f, g, "panoptic", "all", "pq")) for g in _GROUPS)
+        sqrq = " ".join(_num(get(f, "panoptic", "all", k)) for k in ("sq", "rq"))
+        miou = " ".join(_num(group(f, g, "semantic", "miou")) for g in _GROUPS)
+        echo(f"      {name:<20} | {pq} | {sqrq} | {miou} | {_num(get(f, 'instance', 'ap'), 4)}")
     echo("")
 
 
 _GROUPS = ("all", "seen", "unseen")
+
+
+def _num(v: float, width: int = 5) -> str:
+    """A table cell: the number, or n/a (a semantic head has no PQ or AP)."""
+    return f"{'n/a':>{width}}" if v != v else f"{v:{width}.1f}"
 
 
 def _viz(pred: Path, data: Path, out: Path, n: int) -> list[Path]:

@@ -53,17 +53,12 @@ def rows() -> dict[str, dict]:
             },
         }
     }
-    for key, value in AFTER_HEAD.items():
+    for key in ("multi_level", "query_attn_mask"):
         out[f"before+{key}"] = {
-            "head": {**BEFORE_HEAD, key: value},
+            "head": {**BEFORE_HEAD, key: AFTER_HEAD[key]},
             "train": {"weight_decay": 0.05},
             "predict": {"": BEFORE_INFER},
         }
-    out["before+wd1e-4"] = {
-        "head": BEFORE_HEAD,
-        "train": {"weight_decay": 1e-4},
-        "predict": {"": BEFORE_INFER},
-    }
     out["after"] = {
         "head": AFTER_HEAD,
         "train": {"weight_decay": 1e-4},
@@ -72,6 +67,23 @@ def rows() -> dict[str, dict]:
             "-joint_composition": {**AFTER_INFER, "composition": "regions"},
             "-dense_clip": {**AFTER_INFER, "merged_clip": "patch_mean"},
         },
+    }
+    # The rest one at a time (the 300 denoising queries, the most expensive, last).
+    for key in ("bg_self_affinity", "scale_crop_aug"):
+        out[f"before+{key}"] = {
+            "head": {**BEFORE_HEAD, key: AFTER_HEAD[key]},
+            "train": {"weight_decay": 0.05},
+            "predict": {"": BEFORE_INFER},
+        }
+    out["before+wd1e-4"] = {
+        "head": BEFORE_HEAD,
+        "train": {"weight_decay": 1e-4},
+        "predict": {"": BEFORE_INFER},
+    }
+    out["before+num_denoising_queries"] = {
+        "head": {**BEFORE_HEAD, "num_denoising_queries": AFTER_HEAD["num_denoising_queries"]},
+        "train": {"weight_decay": 0.05},
+        "predict": {"": BEFORE_INFER},
     }
     return out
 

@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--clip-model", default="samcp-synth-convnext")
     ap.add_argument("--clip-size", type=int, default=512)
     ap.add_argument("--sam-model", default="vit_tiny")
+    ap.add_argument("--only", default=None, help="comma-separated contender names to run")
     ap.add_argument("--child")
     ap.add_argument("--tmp")
     args = ap.parse_args()
@@ -141,8 +142,9 @@ def main() -> None:
             )
         )
         best: dict[str, dict] = {}
+        names = [n.strip() for n in args.only.split(",")] if args.only else list(CONTENDERS)
         for _ in range(args.repeats):
-            for name in CONTENDERS:
+            for name in names:
                 out = subprocess.run(
                     [
                         sys.executable,
