@@ -88,6 +88,17 @@ def _precompute(world, name: str, capsys) -> Path:
     return cache
 
 
+def _predict(world, name: str, cache: Path, vocab: Path, pred: Path, capsys) -> None:
+    """samcp predict --dataset NAME of the world's run on ``cache`` into ``pred``."""
+    code, out, err = _cli(
+        ["predict", "--run", str(world["run"]), "--cache", str(cache), "--out", str(pred),
+         "--dataset", name, "--vocabulary", str(vocab), "--clip-checkpoint", str(world["clip"]),
+         "--device", "cpu", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+
+
 def test_semantic_benchmark_end_to_end_with_16bit_labels(world, tmp_path, capsys):
     from samcp.pipeline.cache import CacheReader
 
@@ -100,13 +111,7 @@ def test_semantic_benchmark_end_to_end_with_16bit_labels(world, tmp_path, capsys
 
     vocab = vocabulary_file(tmp_path / "pc459_synth.txt", world["syn"], name)
     pred = tmp_path / "pred"
-    code, out, err = _cli(
-        ["predict", "--run", str(world["run"]), "--cache", str(cache), "--out", str(pred),
-         "--dataset", name, "--vocabulary", str(vocab), "--clip-checkpoint", str(world["clip"]),
-         "--device", "cpu", "--no-progress"],
-        capsys,
-    )
-    assert code == 0, err
+    _predict(world, name, cache, vocab, pred, capsys)
     bench = open_benchmark(name, world["layouts"][name], "val")
     doc = json.loads((pred / "panoptic.json").read_text())
     assert [c["id"] for c in doc["categories"]] == list(range(459))
@@ -165,13 +170,7 @@ def test_panoptic_benchmark_end_to_end(world, tmp_path, capsys):
     cache = _precompute(world, name, capsys)
     vocab = vocabulary_file(tmp_path / "ade_synth.txt", world["syn"], name)
     pred = tmp_path / "pred"
-    code, out, err = _cli(
-        ["predict", "--run", str(world["run"]), "--cache", str(cache), "--out", str(pred),
-         "--dataset", name, "--vocabulary", str(vocab), "--clip-checkpoint", str(world["clip"]),
-         "--device", "cpu", "--no-progress"],
-        capsys,
-    )
-    assert code == 0, err
+    _predict(world, name, cache, vocab, pred, capsys)
     doc = json.loads((pred / "panoptic.json").read_text())
     assert [c["id"] for c in doc["categories"]] == list(range(150))
     # thing/stuff comes from the benchmark's JSON
@@ -201,13 +200,7 @@ def test_cityscapes_end_to_end_in_train_ids(world, tmp_path, capsys):
     cache = _precompute(world, name, capsys)  # leftImg8bit PNGs in city folders
     vocab = vocabulary_file(tmp_path / "cs_synth.txt", world["syn"], name)
     pred = tmp_path / "pred"
-    code, out, err = _cli(
-        ["predict", "--run", str(world["run"]), "--cache", str(cache), "--out", str(pred),
-         "--dataset", name, "--vocabulary", str(vocab), "--clip-checkpoint", str(world["clip"]),
-         "--device", "cpu", "--no-progress"],
-        capsys,
-    )
-    assert code == 0, err
+    _predict(world, name, cache, vocab, pred, capsys)
     doc = json.loads((pred / "panoptic.json").read_text())
     assert [c["id"] for c in doc["categories"]] == list(range(19))  # train ids, not label ids
     assert {c["id"] for c in doc["categories"] if c["isthing"]} == set(range(11, 19))
@@ -279,13 +272,7 @@ def test_every_other_semantic_layout_end_to_end(name, world, tmp_path, capsys):
     cache = _precompute(world, name, capsys)
     vocab = vocabulary_file(tmp_path / f"{name}_synth.txt", world["syn"], name)
     pred = tmp_path / "pred"
-    code, out, err = _cli(
-        ["predict", "--run", str(world["run"]), "--cache", str(cache), "--out", str(pred),
-         "--dataset", name, "--vocabulary", str(vocab), "--clip-checkpoint", str(world["clip"]),
-         "--device", "cpu", "--no-progress"],
-        capsys,
-    )  # fmt: skip
-    assert code == 0, err
+    _predict(world, name, cache, vocab, pred, capsys)
     bench = open_benchmark(name, world["layouts"][name], "val")
     ignore = 65535 if name == "ade20k_847" else 255
     for it in bench.items:
