@@ -120,7 +120,9 @@ def main() -> None:
         run = args.out / name
         rate = None
         if not (run / "model" / "model.safetensors").exists():
-            shutil.rmtree(run, ignore_errors=True)
+            if run.exists() and not (run / "train_config.json").is_file():
+                raise SystemExit(f"{run} exists and is not a samcp run; choose another --out")
+            shutil.rmtree(run, ignore_errors=True)  # an unfinished run of this script
             t = time.time()
             s = run_training(
                 TrainConfig(
